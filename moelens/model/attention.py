@@ -1,0 +1,75 @@
+"""Attention stages in plain torch: causal prefill over new tokens, paged attention over the cache.
+
+Shapes: T new tokens, R query rows, S sequences, Hq query heads, Hkv KV heads, D head_dim,
+N pool blocks, B block_size.
+
+The paged version here is the reference (and the fallback of the attention service); the fast
+path is the C++ kernel in services/attention_cpu.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write new K/V rows at their slots.
+
+    k_pool, v_pool: [N, Hkv, B, D]; k, v: [T, Hkv, D]; slots: [T] int64 (block * B + offset).
+    """
+    block_size = k_pool.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_pool[blocks, :, offsets] = k.to(k_pool.dtype)
+    v_pool[blocks, :, offsets] = v.to(v_pool.dtype)
+
+
+def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached rows of one sequence: [Hkv, length, D]."""
+    block_size = pool.shape[2]
+    num_blocks = -(-length // block_size)
+    blocks = pool[block_table[:num_blocks].long()]  # [nb, Hkv, B, D]
+    rows = blocks.permute(1, 0, 2, 3).reshape(pool.shape[1], num_blocks * block_size, -1)
+    return rows[:, :length]
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Each query row attends to the first `context_lens[r]` cached tokens of its sequence.
+
+    q: [R, Hq, D]; k_pool, v_pool: [N, Hkv, B, D]; block_tables: [R, max_blocks] int32;
+    context_lens: [R] int32. Returns [R, Hq, D] in q's dtype.
+    """
+    num_rows, num_heads, _ = q.shape
+    group = num_heads // k_pool.shape[1]
+    out = torch.empty_like(q)
+    for r in range(num_rows):
+        length = int(context_lens[r])
+        k = gather_kv(k_pool, block_tables[r], length).to(q.dtype)  # [Hkv, L, D]
+        v = gather_kv(v_pool, block_tables[r], length).to(q.dtype)
+        k = k.repeat_interleave(group, dim=0)  # [Hq, L, D]
+        v = v.repeat_interleave(group, dim=0)
+        out[r] = F.scaled_dot_product_attention(q[r, :, None], k, v, scale=scale)[:, 0]
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                      scale: float) -> torch.Tensor:
+    """Causal attention within each sequence of a packed batch of new tokens (no cached prefix).
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; seq_lens sum to T. Returns [T, Hq, D].
+    """
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for length in seq_lens:
+        end = start + length
+        qs = q[start:end].transpose(0, 1)  # [Hq, L, D]
+        ks = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                        scale=scale).transpose(0, 1)
+        start = end
+    return out
