@@ -133,6 +133,13 @@ def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def _max_context(raw: dict[str, Any]) -> int:
+    """Longest context served exactly: a sliding window caps it (we never evict inside a window)."""
+    max_pos = int(raw.get("max_position_embeddings", 4096))
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
+    return min(max_pos, int(window)) if window else max_pos
+
+
 def _common(raw: dict[str, Any]) -> dict[str, Any]:
     heads = raw["num_attention_heads"]
     return dict(
@@ -145,12 +152,20 @@ def _common(raw: dict[str, Any]) -> dict[str, Any]:
         head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
         rope_theta=_rope_theta(raw),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        max_position_embeddings=_max_context(raw),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw),
         extra=raw,
     )
+
+
+def _num_experts(raw: dict[str, Any]) -> int:
+    """Qwen/OLMoE call it num_experts; some transformers-5 configs write num_local_experts."""
+    value = raw.get("num_experts", raw.get("num_local_experts"))
+    if value is None:
+        raise KeyError("num_experts")
+    return int(value)
 
 
 def _dense_layers(raw: dict[str, Any]) -> tuple[int, ...]:
@@ -166,7 +181,7 @@ def _parse_mixtral(raw: dict[str, Any]) -> ModelConfig:
 
 
 def _parse_qwen2_moe(raw: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**_common(raw), num_experts=raw["num_experts"],
+    return ModelConfig(**_common(raw), num_experts=_num_experts(raw),
                        top_k=raw["num_experts_per_tok"],
                        expert_intermediate_size=raw["moe_intermediate_size"],
                        renormalize_topk=bool(raw.get("norm_topk_prob", False)),
@@ -177,10 +192,10 @@ def _parse_qwen2_moe(raw: dict[str, Any]) -> ModelConfig:
 
 
 def _parse_qwen3_moe(raw: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**_common(raw), num_experts=raw["num_experts"],
+    return ModelConfig(**_common(raw), num_experts=_num_experts(raw),
                        top_k=raw["num_experts_per_tok"],
                        expert_intermediate_size=raw["moe_intermediate_size"],
-                       renormalize_topk=bool(raw.get("norm_topk_prob", True)),
+                       renormalize_topk=bool(raw.get("norm_topk_prob", False)),
                        qkv_bias=bool(raw.get("attention_bias", False)),
                        qk_norm=QK_NORM_PER_HEAD,
                        dense_layers=_dense_layers(raw),
@@ -188,7 +203,7 @@ def _parse_qwen3_moe(raw: dict[str, Any]) -> ModelConfig:
 
 
 def _parse_olmoe(raw: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**_common(raw), num_experts=raw["num_experts"],
+    return ModelConfig(**_common(raw), num_experts=_num_experts(raw),
                        top_k=raw["num_experts_per_tok"],
                        expert_intermediate_size=raw["intermediate_size"],
                        renormalize_topk=bool(raw.get("norm_topk_prob", False)),

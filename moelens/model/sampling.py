@@ -1,0 +1,70 @@
+"""Token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
+
+Legend: R emitting rows, V vocab.
+
+Random draws use the exponential-race form of the Gumbel trick: argmax(p / Exp(1)) is a sample
+from p. Each row's noise comes from its own generator seeded by (request seed, step), so a token
+does not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moelens.sampling import RowSampling
+
+_SEED_STRIDE = 1_000_003  # spreads (seed, step) pairs over generator seeds
+
+
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor  # [R] fp32 log-prob of the chosen token (of the unfiltered softmax)
+    top_ids: torch.Tensor  # [R, L] int64, L = max requested logprobs (may be 0)
+    top_logprobs: torch.Tensor  # [R, L]
+
+
+def _filter_row(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask tokens outside top-k / the top-p nucleus of one row. logits: [V] (already scaled)."""
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token crossing p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def _draw(probs: torch.Tensor, seed: int, step: int) -> int:
+    gen = torch.Generator(device=probs.device)
+    gen.manual_seed((seed * _SEED_STRIDE + step) % (2**63 - 1))
+    noise = torch.empty_like(probs).exponential_(generator=gen)
+    return int(torch.argmax(probs / noise))
+
+
+def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleOutput:
+    """logits: [R, V] fp32 -> chosen token per row, with log-probabilities."""
+    logits = logits.float()
+    for r, row in enumerate(rows):
+        if row.suppress_token_ids:
+            logits[r, list(row.suppress_token_ids)] = float("-inf")
+    logprobs_all = torch.log_softmax(logits, dim=-1)  # [R, V]
+    chosen = torch.argmax(logits, dim=-1)  # greedy default
+    for r, row in enumerate(rows):
+        p = row.params
+        if p.is_greedy:
+            continue
+        scaled = _filter_row(logits[r] / p.temperature, p.top_k, p.top_p)
+        chosen[r] = _draw(torch.softmax(scaled, dim=-1), row.seed, row.step)
+    width = max((row.params.logprobs for row in rows), default=0)
+    top = torch.topk(logprobs_all, width, dim=-1) if width else None
+    return SampleOutput(
+        token_ids=chosen,
+        logprobs=logprobs_all.gather(1, chosen[:, None])[:, 0],
+        top_ids=top.indices if top else torch.empty(len(rows), 0, dtype=torch.int64),
+        top_logprobs=top.values if top else torch.empty(len(rows), 0),
+    )

@@ -1,0 +1,96 @@
+"""The model as plain stages over tensors, in the order one forward pass runs them.
+
+Legend: T new tokens, H hidden, Hq query heads, Hkv KV heads, D head_dim, V vocab, R rows that
+emit a token. A layer is split at attention so the services can run the halves on different
+machines: pre_attention -> (attention, anywhere) -> post_attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moelens.config import QK_NORM_FULL, QK_NORM_PER_HEAD, ModelConfig
+from moelens.model.moe import grouped_experts, route, swiglu
+from moelens.model.weights import LayerWeights, ModelWeights
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, scaled in the input dtype (as HF does). x: [..., N]; weight: [N]."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[D/2] inverse frequencies of the default (non-scaled) rotary embedding."""
+    d = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [T, heads, D]; positions: [T] -> [T, heads, D]."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, D]
+    cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]  # [T, 1, D]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def embed(weights: ModelWeights, token_ids: torch.Tensor) -> torch.Tensor:
+    """token_ids: [T] -> hidden [T, H]."""
+    return F.embedding(token_ids, weights.embed)
+
+
+def _qk_norm(cfg: ModelConfig, lw: LayerWeights, q: torch.Tensor,
+             k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Q]; k: [T, KV]. Qwen3 normalises each head, OLMoE the whole projection."""
+    if cfg.qk_norm == QK_NORM_FULL:
+        return rms_norm(q, lw.q_norm, cfg.rms_norm_eps), rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+    if cfg.qk_norm == QK_NORM_PER_HEAD:
+        t, d = q.shape[0], cfg.head_dim
+        q = rms_norm(q.view(t, -1, d), lw.q_norm, cfg.rms_norm_eps).view(t, -1)
+        k = rms_norm(k.view(t, -1, d), lw.k_norm, cfg.rms_norm_eps).view(t, -1)
+    return q, k
+
+
+def pre_attention(cfg: ModelConfig, lw: LayerWeights, hidden: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, fused QKV, q/k norms, clip, RoPE. hidden: [T, H] -> q [T,Hq,D], k/v [T,Hkv,D]."""
+    x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+    qkv = F.linear(x, lw.qkv_proj, lw.qkv_bias)  # [T, Q + 2KV]
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q, k = _qk_norm(cfg, lw, q, k)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    t, d = hidden.shape[0], cfg.head_dim
+    q = apply_rope(q.reshape(t, cfg.num_heads, d), positions, inv_freq)
+    k = apply_rope(k.reshape(t, cfg.num_kv_heads, d), positions, inv_freq)
+    return q, k, v.reshape(t, cfg.num_kv_heads, d)
+
+
+def mlp(cfg: ModelConfig, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """The layer's MLP on normed input x: [T, H] -> [T, H]."""
+    if lw.dense_gate_up is not None:
+        return swiglu(x, lw.dense_gate_up, lw.dense_down)
+    routing = route(x, lw.router, cfg.top_k, cfg.renormalize_topk)
+    out = grouped_experts(x, routing, lw.experts_gate_up, lw.experts_down)
+    if lw.shared_gate_up is not None:
+        gate = torch.sigmoid(F.linear(x, lw.shared_expert_gate))  # [T, 1]
+        out = out + gate * swiglu(x, lw.shared_gate_up, lw.shared_down)
+    return out
+
+
+def post_attention(cfg: ModelConfig, lw: LayerWeights, hidden: torch.Tensor,
+                   attn_out: torch.Tensor) -> torch.Tensor:
+    """o_proj + residual, norm, MLP + residual. hidden: [T, H]; attn_out: [T, Hq, D] -> [T, H]."""
+    hidden = hidden + F.linear(attn_out.reshape(hidden.shape[0], -1), lw.o_proj)
+    return hidden + mlp(cfg, lw, rms_norm(hidden, lw.post_attention_norm, cfg.rms_norm_eps))
+
+
+def final_logits(cfg: ModelConfig, weights: ModelWeights, hidden: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """Final norm and lm_head only on the rows that emit a token. hidden: [T, H]; rows: [R]
+    -> logits [R, V] in fp32."""
+    x = rms_norm(hidden.index_select(0, rows), weights.final_norm, cfg.rms_norm_eps)
+    return F.linear(x, weights.lm_head).float()
