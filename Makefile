@@ -1,0 +1,39 @@
+# MoE-Lens developer entry points. `make run` and `make test` work from a fresh clone.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_PIN := torch==2.13.0
+
+VENV_PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.moe-lens-installed
+
+.PHONY: venv test run proto clean distclean
+
+venv: $(VENV_STAMP)
+
+# torch goes in first and pinned: anything that later asks for "torch" is then satisfied,
+# where an unpinned resolve would fetch a multi-GB CUDA build.
+$(VENV_STAMP): pyproject.toml Makefile
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install -q $(TORCH_PIN)
+	$(VENV_PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The generated modules (moelens/v1/) are committed; a test fails when they are stale.
+proto: venv
+	$(VENV_PY) -m moelens.protogen
+
+test: venv
+	$(VENV)/bin/pytest -q
+
+run: venv
+	mkdir -p out
+	$(VENV)/bin/moe-lens generate --model default --input examples/prompts.jsonl \
+		--output out/generations.jsonl
+
+clean:
+	rm -rf build out .pytest_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
