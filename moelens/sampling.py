@@ -25,8 +25,8 @@ class SamplingParams:
     """Stop strings (matched on the detokenised text; not included in the output)."""
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int = 0
-    """Return the log-probability of the chosen token and of this many top alternatives."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: the chosen token's and the top k alternatives'."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -35,7 +35,7 @@ class SamplingParams:
             (self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 = disabled)"),
-            (0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0"),
         ]

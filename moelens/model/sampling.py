@@ -60,7 +60,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleOutput:
             continue
         scaled = _filter_row(logits[r] / p.temperature, p.top_k, p.top_p)
         chosen[r] = _draw(torch.softmax(scaled, dim=-1), row.seed, row.step)
-    width = max((row.params.logprobs for row in rows), default=0)
+    width = max((row.params.logprobs or 0 for row in rows), default=0)
     top = torch.topk(logprobs_all, width, dim=-1) if width else None
     return SampleOutput(
         token_ids=chosen,

@@ -1,0 +1,58 @@
+"""The per-layer activation exchange on the wire, for both transports.
+
+shm: tensors go into a slot of the attention service's shared-memory arena; the message names the
+slot and the layout. grpc: the message carries the raw tensor bytes. Slots are fixed per
+pipeline group: group g writes its request into slot 2g and reads its response from slot 2g+1,
+and a group never has two layers in flight, so no slot is reused before it has been read.
+"""
+
+from __future__ import annotations
+
+from moelens import wire
+from moelens.shm import ShmArena, SlotLayout, TensorSlice
+
+NUM_GROUPS = 2
+NUM_SLOTS = 2 * NUM_GROUPS
+
+
+def request_slot(group: int) -> int:
+    return 2 * group
+
+
+def response_slot(group: int) -> int:
+    return 2 * group + 1
+
+
+def _layout_to_proto(layout: SlotLayout, out) -> None:
+    for e in layout.entries:
+        out.add(name=e.name, dtype=e.dtype, shape=list(e.shape), offset=e.offset)
+
+
+def _layout_from_proto(entries) -> SlotLayout:
+    return SlotLayout(entries=tuple(
+        TensorSlice(name=e.name, dtype=e.dtype, shape=tuple(e.shape), offset=e.offset)
+        for e in entries))
+
+
+def put_tensors(msg, tensors: dict, arena: ShmArena | None, slot: int) -> None:
+    """Attach tensors to a LayerRequest/LayerResponse: into `arena` slot, or inline bytes."""
+    if arena is not None:
+        msg.shm_slot = slot
+        _layout_to_proto(arena.write(slot, tensors), msg.shm_tensors)
+        return
+    for name, tensor in tensors.items():
+        wire.to_message(wire.encode(tensor), getattr(msg, name))
+
+
+def get_tensors(msg, names: tuple[str, ...], arena: ShmArena | None) -> dict:
+    """The named tensors of a message: views into the arena slot, or over the message bytes."""
+    if arena is not None and msg.shm_tensors:
+        return arena.read(msg.shm_slot, _layout_from_proto(msg.shm_tensors))
+    return {name: wire.decode(wire.from_message(getattr(msg, name))) for name in names}
+
+
+def shm_slot_bytes(max_num_tokens: int, q_size: int, kv_size: int, itemsize: int = 4) -> int:
+    """Slot size for a step of up to `max_num_tokens` new tokens (q, k, v of each, 64-B aligned)."""
+    per_token = (q_size + 2 * kv_size) * itemsize
+    return max_num_tokens * per_token + 4 * 64
+

@@ -1,0 +1,92 @@
+"""gRPC edge of the attention service: protobuf <-> engine calls, nothing else."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from moelens import exchange
+from moelens.errors import InvalidArgument, ResourceExhausted
+from moelens.shm import ShmArena
+from moelens.v1 import attention_pb2, attention_pb2_grpc
+from services.attention_cpu.engine import AttentionEngine, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
+    def __init__(self, engine: AttentionEngine, arena: ShmArena | None, metrics=None):
+        self.engine, self.arena, self.metrics = engine, arena, metrics
+        self._exchange_busy = threading.Lock()  # one expert stream at a time owns the slots
+
+    def _info(self) -> attention_pb2.AttentionInfo:
+        e, m = self.engine, self.engine.model
+        return attention_pb2.AttentionInfo(
+            num_blocks=e.num_blocks, block_size=e.config.block_size,
+            num_used_blocks=e.num_used_blocks, num_layers=m.num_layers,
+            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, kv_dtype=e.config.kv_dtype,
+            pool_bytes=e.pool_bytes, kernel_backend=e.kernel.backend(),
+            num_threads=e.config.num_threads,
+            shm_name=self.arena.name if self.arena else "",
+            shm_num_slots=self.arena.num_slots if self.arena else 0,
+            shm_slot_bytes=self.arena.slot_bytes if self.arena else 0,
+            kv_read_bytes_per_s=e.kv_read_bytes_per_s)
+
+    def Info(self, request, context):
+        self._report_capacity()
+        return self._info()
+
+    def Warmup(self, request, context):
+        from services.attention_cpu.warmup import measure_kv_bandwidth
+        self.engine.kv_read_bytes_per_s = measure_kv_bandwidth(self.engine)
+        return self._info()
+
+    def FreeSequences(self, request, context):
+        freed = self.engine.free(list(request.seq_ids))
+        self._report_capacity()
+        return attention_pb2.FreeSequencesResponse(num_freed_blocks=freed,
+                                                   num_used_blocks=self.engine.num_used_blocks)
+
+    def Exchange(self, request_iterator, context):
+        if not self._exchange_busy.acquire(blocking=False):
+            raise ResourceExhausted("another expert service holds the activation exchange")
+        try:
+            yield from self._serve_exchange(request_iterator)
+        finally:
+            self._exchange_busy.release()
+
+    def _serve_exchange(self, request_iterator):
+        plans: dict[int, StepPlan] = {}  # by group: the plan of the step in flight
+        for request in request_iterator:
+            if request.is_hello:
+                yield attention_pb2.LayerResponse()
+                continue
+            if request.HasField("plan"):
+                p = request.plan
+                sequences = {s.seq_id: list(s.block_ids) for s in p.sequences}
+                plans[request.group] = self.engine.begin(
+                    list(p.slots), sequences, list(p.row_sequence), list(p.row_context_len))
+            plan = plans.get(request.group)
+            if plan is None:
+                raise InvalidArgument(f"layer {request.layer} of group {request.group} "
+                                      f"arrived before its plan")
+            yield self._layer(request, plan)
+
+    def _layer(self, request, plan: StepPlan) -> attention_pb2.LayerResponse:
+        tensors = exchange.get_tensors(request, ("k", "v", "q"), self.arena)
+        result = self.engine.run_layer(plan, request.layer, tensors["k"], tensors["v"],
+                                       tensors["q"])
+        response = attention_pb2.LayerResponse(step_id=request.step_id, layer=request.layer,
+                                               group=request.group, attention_s=result.seconds)
+        arena = self.arena if request.shm_tensors else None
+        exchange.put_tensors(response, {"out": result.out}, arena,
+                             exchange.response_slot(request.group))
+        if self.metrics:
+            self.metrics.observe_layer(result.seconds, plan.num_rows,
+                                       self.engine.kv_bytes_read(plan))
+        return response
+
+    def _report_capacity(self) -> None:
+        if self.metrics:
+            self.metrics.set_capacity(self.engine.num_blocks, self.engine.num_used_blocks,
+                                      self.engine.config.block_size)

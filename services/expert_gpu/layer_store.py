@@ -1,0 +1,199 @@
+"""Where each layer's weights live: resident on the device, or streamed through a double buffer.
+
+Every layer is packed once into one flat host buffer (pinned on CUDA), so a streamed layer is one
+contiguous copy split into ~100 MB packets. Resident layers are copied to the device at start.
+Streamed layers rotate through two device buffers: a data-mover thread copies layer L+1 while
+layer L computes, on its own CUDA stream; compute waits only for the layer it needs, and a buffer
+is overwritten only after compute has released the layer it held. On the CPU device the same path
+runs with real copies into separate buffers, so streaming is exercised by every test.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moelens.model.weights import LayerWeights
+
+PACKET_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each tensor of a layer sits in its flat buffer: name -> (offset, shape)."""
+
+    entries: tuple[tuple[str, int, tuple[int, ...]], ...]
+    numel: int
+
+    @classmethod
+    def of(cls, layer: LayerWeights) -> "PackedLayout":
+        entries, offset = [], 0
+        for name, t in layer.tensors().items():
+            entries.append((name, offset, tuple(t.shape)))
+            offset += t.numel()
+        return cls(tuple(entries), offset)
+
+    def pack(self, layer: LayerWeights, out: torch.Tensor) -> torch.Tensor:
+        tensors = layer.tensors()
+        for name, offset, shape in self.entries:
+            out[offset:offset + tensors[name].numel()].copy_(tensors[name].reshape(-1))
+        return out
+
+    def unpack(self, flat: torch.Tensor) -> LayerWeights:
+        views = {}
+        for name, offset, shape in self.entries:
+            n = 1
+            for s in shape:
+                n *= s
+            views[name] = flat[offset:offset + n].view(shape)
+        return LayerWeights(**views)
+
+
+class _Slot:
+    """One device buffer of the double buffer and its hand-off signals."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        self.free = threading.Semaphore(1)  # compute released what the buffer held
+        self.ready = threading.Semaphore(0)  # the mover finished filling it
+        self.copy_done: torch.cuda.Event | None = None
+        self.compute_done: torch.cuda.Event | None = None
+
+
+class LayerStore:
+    def __init__(self, host_layers: list[LayerWeights], device: torch.device,
+                 num_resident: int):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.layouts = [PackedLayout.of(layer) for layer in host_layers]
+        self.host_flat = [self._pack_host(l, lay) for l, lay in zip(host_layers, self.layouts)]
+        self.num_resident = num_resident
+        self.resident = [lay.unpack(flat.to(device))
+                         for lay, flat in zip(self.layouts[:num_resident],
+                                              self.host_flat[:num_resident])]
+        self.streamed = list(range(num_resident, len(host_layers)))
+        self.weight_wait_s = 0.0
+        self.bytes_streamed = 0
+        self._slots: list[_Slot] = []
+        self._consume_turn = 0  # streamed layers handed to compute so far (mirrors the mover)
+        self._held: dict[int, _Slot] = {}
+        self._stop = threading.Event()
+        if self.streamed:
+            numel = max(self.layouts[i].numel for i in self.streamed)
+            dtype = self.host_flat[0].dtype
+            self._slots = [_Slot(numel, dtype, device) for _ in range(2)]
+            self._mover = threading.Thread(target=self._move_forever, name="data-mover",
+                                           daemon=True)
+            self._mover.start()
+
+    def _pack_host(self, layer: LayerWeights, layout: PackedLayout) -> torch.Tensor:
+        dtype = next(iter(layer.tensors().values())).dtype
+        flat = layout.pack(layer, torch.empty(layout.numel, dtype=dtype))
+        return flat.pin_memory() if self.is_cuda else flat
+
+    @property
+    def num_streamed(self) -> int:
+        return len(self.streamed)
+
+    @property
+    def streamed_bytes_per_step(self) -> int:
+        return sum(self.host_flat[i].numel() * self.host_flat[i].element_size()
+                   for i in self.streamed)
+
+    # Compute side ------------------------------------------------------------------------------
+    def layer(self, index: int) -> LayerWeights:
+        """The weights of layer `index` on the device; blocks until a streamed layer is in."""
+        if index < self.num_resident:
+            return self.resident[index]
+        slot = self._slots[self._consume_turn % 2]
+        self._consume_turn += 1
+        self._held[index] = slot
+        start = time.perf_counter()
+        slot.ready.acquire()
+        self.weight_wait_s += time.perf_counter() - start
+        if slot.copy_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.copy_done)
+        return self.layouts[index].unpack(slot.buffer)
+
+    def release(self, index: int) -> None:
+        """Compute is done with layer `index` (call exactly once per layer per step, in order)."""
+        if index < self.num_resident:
+            return
+        slot = self._held.pop(index)
+        if self.is_cuda:
+            slot.compute_done = torch.cuda.Event()
+            slot.compute_done.record(torch.cuda.current_stream(self.device))
+        slot.free.release()
+
+    def take_counters(self) -> tuple[float, int]:
+        """(weight wait seconds, bytes streamed) since the last call."""
+        out = (self.weight_wait_s, self.bytes_streamed)
+        self.weight_wait_s, self.bytes_streamed = 0.0, 0
+        return out
+
+    # Mover side --------------------------------------------------------------------------------
+    def _move_forever(self) -> None:
+        """Copy streamed layers in consumption order, forever, one buffer ahead of compute."""
+        stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        turn = 0
+        while not self._stop.is_set():
+            index = self.streamed[turn % len(self.streamed)]
+            slot = self._slots[turn % 2]
+            slot.free.acquire()
+            if self._stop.is_set():
+                return
+            self._copy(index, slot, stream)
+            slot.ready.release()
+            turn += 1
+
+    def _copy(self, index: int, slot: _Slot, stream) -> None:
+        src = self.host_flat[index]
+        dst = slot.buffer[:src.numel()]
+        step = max(1, PACKET_BYTES // src.element_size())
+        if stream is None:
+            for i in range(0, src.numel(), step):
+                dst[i:i + step].copy_(src[i:i + step])
+        else:
+            with torch.cuda.stream(stream):
+                if slot.compute_done is not None:
+                    stream.wait_event(slot.compute_done)
+                for i in range(0, src.numel(), step):
+                    dst[i:i + step].copy_(src[i:i + step], non_blocking=True)
+                slot.copy_done = torch.cuda.Event()
+                slot.copy_done.record(stream)
+        self.bytes_streamed += src.numel() * src.element_size()
+
+    def close(self) -> None:
+        self._stop.set()
+        for slot in self._slots:
+            slot.free.release()
+
+
+def plan_residency(layer_bytes: list[int], fixed_bytes: int, workspace_bytes: int,
+                   budget_bytes: int | None) -> int:
+    """How many leading layers stay resident under a device budget (the rest stream).
+
+    fixed_bytes: embeddings, final norm, lm_head (always resident); workspace_bytes: activations
+    for the largest step. Streaming needs two buffers of the largest streamed layer.
+    """
+    if budget_bytes is None:
+        return len(layer_bytes)
+    available = budget_bytes - fixed_bytes - workspace_bytes
+    if available >= sum(layer_bytes):
+        return len(layer_bytes)
+    double_buffer = 2 * max(layer_bytes)
+    minimum = fixed_bytes + workspace_bytes + double_buffer
+    if budget_bytes < minimum:
+        raise ValueError(
+            f"--device-memory-gb {budget_bytes / 2**30:.3f} cannot hold the double buffer: the "
+            f"minimum is {minimum / 2**30:.3f} GiB (embeddings/lm_head {fixed_bytes / 2**30:.3f}, "
+            f"workspace {workspace_bytes / 2**30:.3f}, 2 x layer {max(layer_bytes) / 2**30:.3f})")
+    resident, used = 0, double_buffer
+    for size in layer_bytes:
+        if used + size > available:
+            break
+        resident, used = resident + 1, used + size
+    return resident

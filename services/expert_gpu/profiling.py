@@ -1,0 +1,93 @@
+"""Warmup measurements of the expert service: host->device bandwidth and the GEMM time line.
+
+The GEMM line is measured on this model's own layer 0 (projections + routed experts with tokens
+grouped per expert), at a few token counts, and fitted by least squares: the performance model
+derives n_real from its slope and intercept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moelens.model.stages import post_attention, pre_attention
+from moelens.sampling import RowSampling, SamplingParams
+from services.expert_gpu.runner import SeqStep
+
+WARMUP_SEQ_ID = -1
+
+
+@dataclass(frozen=True)
+class ExpertProfile:
+    h2d_bytes_per_s: float
+    gemm_intercept_s: float
+    gemm_slope_s: float
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def measure_h2d(worker, repeats: int = 3) -> float:
+    """Bandwidth of copying the largest layer's packed host buffer to a device buffer."""
+    src = max(worker.store.host_flat, key=lambda t: t.numel())
+    dst = torch.empty_like(src, device=worker.device)
+    dst.copy_(src)
+    start = _now(worker.device)
+    for _ in range(repeats):
+        dst.copy_(src, non_blocking=True)
+    seconds = _now(worker.device) - start
+    return repeats * src.numel() * src.element_size() / max(seconds, 1e-9)
+
+
+def measure_gemm_line(worker, token_counts=(32, 128, 512)) -> tuple[float, float]:
+    """(intercept_s, slope_s) of one layer's GEMMs (attention replaced by zeros) vs tokens."""
+    cfg, lw = worker.cfg, worker.store.layer(0)
+    xs, ys = [], []
+    for n in token_counts:
+        n = min(n, worker.config.max_num_tokens)
+        hidden = torch.randn(n, cfg.hidden_size, device=worker.device, dtype=worker.weights.embed.dtype)
+        positions = torch.arange(n, device=worker.device)
+        attn = torch.zeros(n, cfg.num_heads, cfg.head_dim, device=worker.device, dtype=hidden.dtype)
+        best = float("inf")
+        for _ in range(3):
+            start = _now(worker.device)
+            pre_attention(cfg, lw, hidden, positions, worker.runner.inv_freq)
+            post_attention(cfg, lw, hidden, attn)
+            best = min(best, _now(worker.device) - start)
+        xs.append(float(n))
+        ys.append(best)
+    worker.store.release(0)
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    intercept = float(y.mean() - slope * x.mean())
+    return max(intercept, 0.0), max(slope, 1e-12)
+
+
+def run_dummy_step(worker, num_tokens: int = 16) -> None:
+    """One real step through the attention service, then release its blocks there."""
+    bs = worker.runner.block_size
+    blocks = list(range(-(-(num_tokens + 1) // bs)))
+    prompt = SeqStep(WARMUP_SEQ_ID, [0] * num_tokens, 0, blocks, emit=True)
+    row = [RowSampling(SamplingParams(temperature=0.0), 0, 0)]
+    worker.runner.run(0, [prompt], row, pipeline=False)
+    decode = SeqStep(WARMUP_SEQ_ID, [0], num_tokens, blocks, emit=True)
+    worker.runner.run(0, [decode], row, pipeline=False)
+    worker.attention.free([WARMUP_SEQ_ID])
+
+
+def measure_profile(worker) -> ExpertProfile:
+    run_dummy_step(worker)
+    h2d = measure_h2d(worker)
+    intercept, slope = measure_gemm_line(worker)
+    if worker.store.num_resident == 0:
+        # layer 0 was streamed: walk the rest so the data mover's schedule stays in step order
+        for layer in range(1, worker.cfg.num_layers):
+            worker.store.layer(layer)
+            worker.store.release(layer)
+    worker.store.take_counters()
+    return ExpertProfile(h2d_bytes_per_s=h2d, gemm_intercept_s=intercept, gemm_slope_s=slope)

@@ -1,0 +1,215 @@
+"""One step on the expert service: every layer's GEMMs here, attention on attention_cpu.
+
+Legend: T new tokens of a group, Hq/Hkv heads, D head_dim, H hidden, V vocab.
+
+Two-group pipeline (the paper's VSLPipe): the step's sequences are split into two groups of
+about equal token count. The exchange stream carries group A's layer-L attention while this
+service computes group B's GEMMs, then the roles swap:
+
+    pre(A,0) send(A,0) pre(B,0) send(B,0)
+    for L: recv(A,L) post(A,L) pre(A,L+1) send(A,L+1)  recv(B,L) post(B,L) pre(B,L+1) send(B,L+1)
+
+With the pipeline off there is one group and the service waits for each layer's attention.
+Sequences with no cached prefix get their causal attention here (prefill), overlapping the
+remote attention of the other rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moelens.config import ModelConfig
+from moelens.model.attention import prefill_attention
+from moelens.model.forward import ForwardBatch, split_attention
+from moelens.model.sampling import SampleOutput, sample
+from moelens.model.stages import embed, final_logits, post_attention, pre_attention
+from moelens.model.weights import ModelWeights
+from moelens.sampling import RowSampling
+from moelens.stats import StepTimings
+from moelens.v1 import attention_pb2
+from services.expert_gpu.attention_client import AttentionClient
+from services.expert_gpu.layer_store import LayerStore
+
+
+@dataclass
+class SeqStep:
+    """One sequence's share of a step (domain form of the proto SequencePlan)."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    emit: bool
+
+
+@dataclass
+class _Group:
+    index: int
+    seqs: list[SeqStep]
+    batch: ForwardBatch
+    plan: attention_pb2.AttentionPlan
+    split: object
+    hidden: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    emit_order: list[int] = field(default_factory=list)  # positions in the step's emit list
+
+
+@dataclass
+class _Clock:
+    timings: StepTimings
+    is_cuda: bool
+
+    def now(self) -> float:
+        if self.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def split_groups(seqs: list[SeqStep], pipeline: bool) -> list[list[int]]:
+    """Indices of seqs per group: two groups of about equal token count, order kept."""
+    if not pipeline or len(seqs) < 2:
+        return [list(range(len(seqs)))]
+    total = sum(len(s.token_ids) for s in seqs)
+    first, tokens = [], 0
+    for i, s in enumerate(seqs):
+        if tokens >= total / 2 or len(first) == len(seqs) - 1:
+            break
+        first.append(i)
+        tokens += len(s.token_ids)
+    return [first, list(range(len(first), len(seqs)))]
+
+
+class StepRunner:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, store: LayerStore,
+                 attention: AttentionClient, device: torch.device, inv_freq: torch.Tensor):
+        self.cfg, self.weights, self.store = cfg, weights, store
+        self.attention, self.device, self.inv_freq = attention, device, inv_freq
+        self.block_size = attention.info.block_size
+        self.scale = cfg.head_dim ** -0.5
+        self.dtype = weights.embed.dtype
+
+    def run(self, step_id: int, seqs: list[SeqStep], rows: list[RowSampling],
+            pipeline: bool) -> tuple[SampleOutput, StepTimings]:
+        clock = _Clock(StepTimings(), self.device.type == "cuda")
+        start = clock.now()
+        groups = self._make_groups(seqs, pipeline)
+        self._run_layers(step_id, groups, clock)
+        t0 = clock.now()
+        logits = self._logits(groups, sum(s.emit for s in seqs))
+        t1 = clock.now()
+        out = sample(logits, rows) if rows else None
+        t2 = clock.now()
+        clock.timings.gemm_s += t1 - t0
+        clock.timings.sample_s = t2 - t1
+        clock.timings.weight_wait_s, clock.timings.weight_bytes_streamed = self.store.take_counters()
+        clock.timings.total_s = t2 - start
+        return out, clock.timings
+
+    # Batches -----------------------------------------------------------------------------------
+    def _make_groups(self, seqs: list[SeqStep], pipeline: bool) -> list[_Group]:
+        groups, emit_index = [], 0
+        for g, members in enumerate(split_groups(seqs, pipeline)):
+            group = self._group(g, [seqs[i] for i in members])
+            for s in group.seqs:
+                if s.emit:
+                    group.emit_order.append(emit_index)
+                    emit_index += 1
+            groups.append(group)
+        return groups
+
+    def _group(self, index: int, seqs: list[SeqStep]) -> _Group:
+        bs = self.block_size
+        ids, pos, slots, emit = [], [], [], []
+        for s in seqs:
+            for i, tok in enumerate(s.token_ids):
+                p = s.start_position + i
+                ids.append(tok)
+                pos.append(p)
+                slots.append(s.block_ids[p // bs] * bs + p % bs)
+            if s.emit:
+                emit.append(len(ids) - 1)
+        dev = self.device
+        batch = ForwardBatch(
+            token_ids=torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev),
+            seq_lens=[len(s.token_ids) for s in seqs], block_tables=[s.block_ids for s in seqs],
+            slots=torch.tensor(slots), emit_rows=torch.tensor(emit, dtype=torch.int64, device=dev))
+        split = split_attention(batch)
+        return _Group(index=index, seqs=seqs, batch=batch, split=split,
+                      plan=self._plan(seqs, slots))
+
+    def _plan(self, seqs: list[SeqStep], slots: list[int]) -> attention_pb2.AttentionPlan:
+        plan = attention_pb2.AttentionPlan(slots=slots)
+        for i, s in enumerate(seqs):
+            plan.sequences.add(seq_id=s.seq_id, block_ids=s.block_ids)
+            if s.start_position > 0:
+                plan.row_sequence.extend([i] * len(s.token_ids))
+                plan.row_context_len.extend(
+                    range(s.start_position + 1, s.start_position + len(s.token_ids) + 1))
+        return plan
+
+    # Layers ------------------------------------------------------------------------------------
+    def _run_layers(self, step_id: int, groups: list[_Group], clock: _Clock) -> None:
+        held: dict[int, object] = {}
+
+        def weights_of(layer: int):
+            if layer not in held:
+                held[layer] = self.store.layer(layer)
+            return held[layer]
+
+        for g in groups:
+            g.hidden = embed(self.weights, g.batch.token_ids)  # [T, H]
+            self._pre_and_send(step_id, g, 0, weights_of(0), clock)
+        num_layers = self.cfg.num_layers
+        for layer in range(num_layers):
+            for g in groups:
+                self._recv(g, clock)
+                t0 = clock.now()
+                g.hidden = post_attention(self.cfg, weights_of(layer), g.hidden, g.attn)
+                clock.timings.gemm_s += clock.now() - t0
+                if layer + 1 < num_layers:
+                    self._pre_and_send(step_id, g, layer + 1, weights_of(layer + 1), clock)
+            self.store.release(layer)
+            del held[layer]
+
+    def _pre_and_send(self, step_id: int, g: _Group, layer: int, lw, clock: _Clock) -> None:
+        t0 = clock.now()
+        q, k, v = pre_attention(self.cfg, lw, g.hidden, g.batch.positions, self.inv_freq)
+        t1 = clock.now()
+        request = attention_pb2.LayerRequest(step_id=step_id, layer=layer, group=g.index)
+        if layer == 0:
+            request.plan.CopyFrom(g.plan)
+        paged = g.split.paged_rows.to(self.device)
+        self.attention.send_layer(request, {"k": k.float(), "v": v.float(),
+                                            "q": q.index_select(0, paged).float()})
+        t2 = clock.now()
+        g.attn = torch.empty_like(q)  # [T, Hq, D]
+        if g.split.fresh_seq_lens:
+            rows = g.split.fresh_rows.to(self.device)
+            g.attn[rows] = prefill_attention(q[rows], k[rows], v[rows], g.split.fresh_seq_lens,
+                                             self.scale)
+        t3 = clock.now()
+        clock.timings.gemm_s += t1 - t0
+        clock.timings.exchange_s += t2 - t1
+        clock.timings.prefill_attention_s += t3 - t2
+
+    def _recv(self, g: _Group, clock: _Clock) -> None:
+        t0 = clock.now()
+        response, out = self.attention.recv_out()
+        waited = clock.now() - t0
+        if g.split.paged_rows.numel():
+            g.attn[g.split.paged_rows.to(self.device)] = out.to(self.device, self.dtype)
+        clock.timings.attention_s += response.attention_s
+        clock.timings.exchange_s += max(0.0, waited - response.attention_s)
+        clock.timings.overlap_s += max(0.0, response.attention_s - waited)
+
+    def _logits(self, groups: list[_Group], num_emit: int) -> torch.Tensor:
+        """[E, V] fp32 logits of every emitting sequence, in the step's sequence order."""
+        logits = torch.empty(num_emit, self.cfg.vocab_size, device=self.device)
+        for g in groups:
+            if g.emit_order:
+                order = torch.tensor(g.emit_order, device=self.device)
+                logits[order] = final_logits(self.cfg, self.weights, g.hidden, g.batch.emit_rows)
+        return logits

@@ -1,0 +1,81 @@
+"""`moe-lens serve expert`: weights and every GEMM, driving the layers of each step."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from moelens.grpc_server import start_server, wait_for_termination
+from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
+                                  resolve_model, write_port_file)
+from moelens.v1 import expert_pb2, expert_pb2_grpc
+from services.expert_gpu.config import TRANSPORTS, ExpertConfig, resolve_device, resolve_dtype
+from services.expert_gpu.servicer import ExpertServicer
+from services.expert_gpu.worker import ExpertWorker
+
+log = logging.getLogger("moelens.expert")
+SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--attention", required=True, help="attention service host:port")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device-memory-gb", type=float, default=None,
+                        help="device budget for weights + workspace (default: all resident)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "float16", "bfloat16"],
+                        help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads (default: all cores of this process)")
+    parser.add_argument("--transport", default="shm", choices=TRANSPORTS)
+    parser.add_argument("--max-num-tokens", type=int, default=8192,
+                        help="most tokens per step (sizes the workspace reservation)")
+
+
+def config_from_args(args: argparse.Namespace) -> ExpertConfig:
+    device = resolve_device(args.device)
+    return ExpertConfig(attention_address=args.attention, device=device,
+                        dtype=resolve_dtype(args.dtype, device),
+                        device_memory_gb=args.device_memory_gb,
+                        num_threads=args.num_threads or default_num_threads(),
+                        transport=args.transport, max_num_tokens=args.max_num_tokens)
+
+
+def _metrics(args):
+    if not args.metrics_port:
+        return None, None
+    from prometheus_client import CollectorRegistry
+
+    from moelens.metrics_server import RpcMetrics, start_metrics_server
+    from services.expert_gpu.metrics import ExpertMetrics
+    registry = CollectorRegistry()
+    start_metrics_server(args.metrics_port, registry)
+    return ExpertMetrics(registry), RpcMetrics(registry, "expert_gpu").observe
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    config = config_from_args(args)
+    torch.set_num_threads(config.num_threads)
+    worker = ExpertWorker(resolve_model(args.model), config)
+    metrics, observe = _metrics(args)
+    servicer = ExpertServicer(worker, metrics)
+    handle = start_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(
+        servicer, s), [SERVICE_NAME], args.host, args.port, observe=observe)
+    info = worker.warmup()
+    if metrics:
+        metrics.set_layout(info.num_resident_layers, info.num_streamed_layers,
+                           info.device_memory_budget_bytes, info.weight_bytes_total)
+        metrics.set_profile(info.h2d_bytes_per_s, info.layer_gemm.slope_s,
+                            info.layer_gemm.intercept_s)
+    handle.set_serving(True)
+    write_port_file(args.port_file, handle.port)
+    log.info("expert service on %s:%d: %s %s, %d resident + %d streamed layers, "
+             "h2d %.1f GB/s, layer GEMM %.3g s + %.3g s/token", args.host, handle.port,
+             config.device, config.dtype, info.num_resident_layers, info.num_streamed_layers,
+             info.h2d_bytes_per_s / 1e9, info.layer_gemm.intercept_s, info.layer_gemm.slope_s)
+    wait_for_termination(handle, on_stop=worker.close)
+    return 0
