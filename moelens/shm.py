@@ -34,8 +34,9 @@ import secrets
 import stat
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from moelens.wire import dtype_from_name, dtype_name, nbytes_of
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "moelens-"
 ALIGNMENT = 64
-_NAME_RE = re.compile(r"^moelens-[0-9]+-[0-9a-f]{32}$")
+_NAME_RE = re.compile(r"moelens-[0-9]+-[0-9a-f]{32}")
 _JANITOR_WAIT_S = 5.0
 
 # Runs in the janitor process: block until the owner's end of stdin closes, then unlink.
@@ -109,6 +110,20 @@ def plan_layout(specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> SlotLayout:
     return SlotLayout(entries=tuple(entries))
 
 
+def layout_to_messages(layout: SlotLayout, field: Any) -> None:
+    """Append one message per tensor to a repeated `ShmTensor {name; dtype; shape; offset}`."""
+    for e in layout.entries:
+        field.add(name=e.name, dtype=e.dtype, shape=e.shape, offset=e.offset)
+
+
+def layout_from_messages(messages: Iterable[Any]) -> SlotLayout:
+    """SlotLayout from received ShmTensor messages; `ShmArena.read` validates the bounds."""
+    return SlotLayout(tuple(
+        TensorSlice(name=m.name, dtype=m.dtype, shape=tuple(m.shape), offset=m.offset)
+        for m in messages
+    ))
+
+
 class ShmArena:
     """`num_slots` slots of `slot_bytes` each in one shared segment. Build with create/attach."""
 
@@ -121,7 +136,9 @@ class ShmArena:
         self._path = os.path.join(SHM_DIR, name)
         self._janitor = janitor
         try:
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, num_slots * slot_bytes)
+            # MAP_POPULATE: fault the pages in now, not during the first layer's exchange.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, num_slots * slot_bytes, flags=flags)
         finally:
             os.close(fd)  # the mapping keeps the segment alive; the fd is not needed
         # numpy holds a buffer export on the mmap, so the mapping cannot be unmapped under a
@@ -156,7 +173,7 @@ class ShmArena:
     def attach(cls, name: str, num_slots: int, slot_bytes: int) -> ShmArena:
         """Map a segment another process created. The peer never unlinks it."""
         _validate_geometry(num_slots, slot_bytes)
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise ValueError(f"shared-memory name {name!r} is not one ShmArena.create made")
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
         try:

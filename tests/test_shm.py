@@ -17,6 +17,7 @@ import torch
 
 from moelens import shm
 from moelens.shm import ShmArena, SlotLayout, TensorSlice
+from moelens.v1 import attention_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Liveness bound for the janitor (it reacts to the owner's death at once), not a speed check.
@@ -147,6 +148,15 @@ def test_read_views_alias_the_slot_and_copies_do_not(arena: ShmArena) -> None:
     assert torch.equal(copy, torch.zeros(4))
 
 
+def test_layout_travels_in_the_layer_request_message(arena: ShmArena) -> None:
+    tensors = {"k": torch.randn(3, 2, 8).bfloat16(), "q": torch.randn(1, 4, 8)}
+    request = attention_pb2.LayerRequest(shm_slot=1)
+    shm.layout_to_messages(arena.write(1, tensors), request.shm_tensors)
+    received = attention_pb2.LayerRequest.FromString(request.SerializeToString())
+    out = arena.read(received.shm_slot, shm.layout_from_messages(received.shm_tensors))
+    assert all(torch.equal(out[name], t) for name, t in tensors.items())
+
+
 def test_slots_do_not_overlap(arena: ShmArena) -> None:
     full = arena.slot_bytes // 4
     layouts = [arena.write(s, {"x": torch.full((full,), float(s))}) for s in range(3)]
@@ -185,8 +195,9 @@ def test_bad_slot_and_geometry(arena: ShmArena) -> None:
         ShmArena.create(num_slots=0, slot_bytes=64)
     with pytest.raises(ValueError, match="pass the geometry the creator used"):
         ShmArena.attach(arena.name, num_slots=2, slot_bytes=16 * 1024)
-    with pytest.raises(ValueError, match="not one ShmArena.create made"):
-        ShmArena.attach("../../etc/passwd", num_slots=1, slot_bytes=64)
+    for bad_name in ("../../etc/passwd", arena.name + "\n", "/" + arena.name):
+        with pytest.raises(ValueError, match="not one ShmArena.create made"):
+            ShmArena.attach(bad_name, num_slots=1, slot_bytes=64)
     with pytest.raises(FileNotFoundError):
         ShmArena.attach(f"{shm.NAME_PREFIX}1-{'0' * 32}", num_slots=1, slot_bytes=64)
     arena.close()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from moelens import wire
+from moelens.v1 import common_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,20 +23,6 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(dtype)
     info = torch.iinfo(dtype)
     return torch.randint(info.min, info.max, shape, generator=gen, dtype=dtype)
-
-
-def _tensor_message_class():
-    """A real protobuf class with the lead's field layout, built without generated code."""
-    fdp = descriptor_pb2.FileDescriptorProto(name="wire_test.proto", package="wiretest",
-                                             syntax="proto3")
-    msg = fdp.message_type.add(name="Tensor")
-    f = descriptor_pb2.FieldDescriptorProto
-    msg.field.add(name="dtype", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
-    msg.field.add(name="shape", number=2, type=f.TYPE_INT64, label=f.LABEL_REPEATED)
-    msg.field.add(name="data", number=3, type=f.TYPE_BYTES, label=f.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("wiretest.Tensor"))
 
 
 @pytest.mark.parametrize("dtype", list(wire.NAME_TO_DTYPE.values()), ids=str)
@@ -131,7 +117,7 @@ def test_dict_helpers_name_the_bad_entry() -> None:
 
 
 def test_protobuf_message_round_trip() -> None:
-    tensor_cls = _tensor_message_class()
+    tensor_cls = common_pb2.Tensor
     t = _sample(torch.bfloat16, (3, 2, 16))
     msg = wire.to_message(wire.encode(t), tensor_cls())
     received = tensor_cls.FromString(msg.SerializeToString())
