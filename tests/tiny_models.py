@@ -43,3 +43,17 @@ def load_reference(model_dir: Path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, experts_implementation="eager")
     return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """Greedy continuation by HF transformers, EOS not special (the ignore_eos semantics)."""
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    with torch.no_grad():
+        result = model(ids, use_cache=True)
+        for _ in range(num_tokens):
+            token = int(result.logits[0, -1].argmax())
+            out.append(token)
+            result = model(torch.tensor([[token]]), past_key_values=result.past_key_values,
+                           use_cache=True)
+    return out

@@ -10,7 +10,7 @@ from moelens.exchange import NUM_SLOTS, shm_slot_bytes
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
                                   resolve_model, write_port_file)
-from moelens.shm import ShmArena
+from moelens.shm import ShmArena, align_up
 from moelens.v1 import attention_pb2, attention_pb2_grpc
 from services.attention_cpu.config import KV_DTYPES, TRANSPORTS, AttentionConfig
 from services.attention_cpu.engine import AttentionEngine
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     engine = AttentionEngine(model, config)
     arena = None
     if config.transport == "shm":
-        arena = ShmArena.create(NUM_SLOTS, shm_slot_bytes(config.max_num_tokens, model.q_size,
-                                                          model.kv_size))
+        arena = ShmArena.create(NUM_SLOTS, align_up(shm_slot_bytes(
+            config.max_num_tokens, model.q_size, model.kv_size)))
     metrics, observe = _metrics(args)
     if metrics:
         metrics.set_kernel(engine.kernel.backend(), not engine.kernel.is_native(),
