@@ -128,6 +128,8 @@ def test_prediction_and_bottleneck_one_hot():
                                                    bottleneck=current))
         hot = {r: value("moelens_bottleneck", {"resource": r}) for r in BOTTLENECK_RESOURCES}
         assert hot == {r: (1.0 if r == current else 0.0) for r in BOTTLENECK_RESOURCES}
+    metrics.observe_prediction(PredictionStats(120.0, 100.0, bottleneck=""))  # not known yet
+    assert all(value("moelens_bottleneck", {"resource": r}) == 0 for r in BOTTLENECK_RESOURCES)
     assert value("moelens_predicted_tokens_per_second") == 120.0
     assert value("moelens_measured_tokens_per_second") == 100.0
     with pytest.raises(ValueError, match="bottleneck"):

@@ -193,8 +193,11 @@ class CoordinatorMetrics:
             self.time_per_output_token.observe(decode_s / (stats.num_generation_tokens - 1))
 
     def observe_prediction(self, stats: PredictionStats) -> None:
-        """The performance model's latest prediction beside the measurement; one-hot bottleneck."""
-        if stats.bottleneck not in BOTTLENECK_RESOURCES:
+        """The performance model's latest prediction beside the measurement; one-hot bottleneck.
+
+        An empty `bottleneck` means "not predicted yet": every resource reads 0.
+        """
+        if stats.bottleneck and stats.bottleneck not in BOTTLENECK_RESOURCES:
             raise ValueError(f"PredictionStats.bottleneck {stats.bottleneck!r}: "
                              f"use one of {', '.join(BOTTLENECK_RESOURCES)}")
         self.predicted_tps.set(stats.predicted_tokens_per_s)
