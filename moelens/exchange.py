@@ -9,7 +9,7 @@ and a group never has two layers in flight, so no slot is reused before it has b
 from __future__ import annotations
 
 from moelens import wire
-from moelens.shm import ShmArena, SlotLayout, TensorSlice
+from moelens.shm import ShmArena, layout_from_messages, layout_to_messages
 
 NUM_GROUPS = 2
 NUM_SLOTS = 2 * NUM_GROUPS
@@ -23,22 +23,11 @@ def response_slot(group: int) -> int:
     return 2 * group + 1
 
 
-def _layout_to_proto(layout: SlotLayout, out) -> None:
-    for e in layout.entries:
-        out.add(name=e.name, dtype=e.dtype, shape=list(e.shape), offset=e.offset)
-
-
-def _layout_from_proto(entries) -> SlotLayout:
-    return SlotLayout(entries=tuple(
-        TensorSlice(name=e.name, dtype=e.dtype, shape=tuple(e.shape), offset=e.offset)
-        for e in entries))
-
-
 def put_tensors(msg, tensors: dict, arena: ShmArena | None, slot: int) -> None:
     """Attach tensors to a LayerRequest/LayerResponse: into `arena` slot, or inline bytes."""
     if arena is not None:
         msg.shm_slot = slot
-        _layout_to_proto(arena.write(slot, tensors), msg.shm_tensors)
+        layout_to_messages(arena.write(slot, tensors), msg.shm_tensors)
         return
     for name, tensor in tensors.items():
         wire.to_message(wire.encode(tensor), getattr(msg, name))
@@ -47,7 +36,7 @@ def put_tensors(msg, tensors: dict, arena: ShmArena | None, slot: int) -> None:
 def get_tensors(msg, names: tuple[str, ...], arena: ShmArena | None) -> dict:
     """The named tensors of a message: views into the arena slot, or over the message bytes."""
     if arena is not None and msg.shm_tensors:
-        return arena.read(msg.shm_slot, _layout_from_proto(msg.shm_tensors))
+        return arena.read(msg.shm_slot, layout_from_messages(msg.shm_tensors))
     return {name: wire.decode(wire.from_message(getattr(msg, name))) for name in names}
 
 
