@@ -77,7 +77,11 @@ def _build_atomically(preset: str, final: Path, seed: int, replace_existing_ok: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         _write_checkpoint(get_preset(preset), tmp, seed)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is plain data
+        # mkdtemp and save_pretrained make some of it private; a model folder is plain data
+        # that containers running as another user also read.
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         try:
             os.rename(tmp, final)
         except OSError as exc:

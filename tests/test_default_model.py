@@ -180,3 +180,18 @@ def test_tiny_presets_load_in_hf_and_generate(preset, tmp_path):
     outputs = [_greedy(model, tok.encode(p), 16) for p in PROMPTS]
     assert len({tuple(o) for o in outputs}) > 1
     assert all(len(set(o)) > 4 for o in outputs)
+
+
+def test_make_model_cli(tmp_path, capsys):
+    import argparse
+
+    from moelens_cli import make_model as cli
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "cli"
+    assert cli.run(parser.parse_args(["--preset", "tiny-olmoe", "--out", str(out)])) == 0
+    assert "wrote tiny-olmoe" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model_type"] == "olmoe"
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in out.iterdir())  # readable by others
+    assert cli.run(parser.parse_args(["--preset", "tiny-olmoe", "--out", str(out)])) == 2
+    assert "already exists" in capsys.readouterr().err
