@@ -1,0 +1,157 @@
+"""Cost of one iteration (a forward pass over all layers) and where the weights live.
+
+Both stages of the model price an iteration the same way, from a HardwareProfile:
+
+    io        = streamed weight bytes / B_IO                       (the data mover)
+    gemm      = Σ_l (a_l + b_l · n) + rows_out · lm_head FLOPs / C  (GEMM line per layer)
+    attention = KV bytes read / attention KV bandwidth              (CPU decode attention)
+    exchange  = L · (fixed + bytes per decode token · n_decode · per-byte)
+    compute   = max(gemm, attention) + exchange   (accelerator host: the two groups overlap)
+              = gemm + attention + exchange       (CPU-only host: they share the cores)
+    host_mem  = (streamed bytes · c + [CPU-only: all weight bytes] + KV bytes read) / B_host
+    total     = max(io, compute, host_mem)
+
+host_mem is the contention term the paper did not model: weight streaming and CPU attention both
+read host memory; each is capped at its own rate, and together at the socket's bandwidth, so the
+iteration cannot end before all their bytes have crossed the socket (the minimum makespan of two
+rate-capped flows sharing one pipe is max(D1/r1, D2/r2, (D1+D2)/B)). c = 1 for DMA to an
+accelerator, 2 on a CPU-only host where the copy reads and writes host memory.
+The GEMM line is rescaled from the profiled layer to each layer of the model: slope by FLOPs per
+token, intercept by weight bytes (the fixed part is mostly reading the weights once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moelens.profile import HardwareProfile
+from services.coordinator.perf_model_types import Deployment, ModelSpec
+
+BOTTLENECKS = ("io", "gemm", "cpu_attention", "kv_capacity", "host_memory_bandwidth")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which layers stay on the device and which are streamed every iteration."""
+
+    num_resident_layers: int
+    """The leading layers are resident (the expert service's order); the rest stream."""
+    resident_bytes: int
+    """Resident layers + embeddings/final norm/lm_head."""
+    streamed_bytes: int
+    double_buffer_bytes: int
+    workspace_bytes: int
+
+
+def place_weights(spec: ModelSpec, deployment: Deployment) -> Placement:
+    """Mirror the expert service's residency plan under deployment.device_memory_bytes.
+
+    Embeddings/lm_head and the workspace always stay; if all layers fit they are resident,
+    otherwise a double buffer of the largest layer is reserved and leading layers are kept
+    until the next one does not fit. A budget below fixed + workspace + double buffer cannot run
+    and raises ValueError with that minimum.
+    """
+    sizes = [spec.layer_weight_bytes(i) for i in range(spec.num_layers)]
+    workspace = spec.workspace_bytes(deployment.max_num_tokens)
+    budget = deployment.device_memory_bytes
+    available = None if budget is None else budget - spec.fixed_bytes - workspace
+    if available is None or available >= sum(sizes):
+        return Placement(spec.num_layers, spec.total_weight_bytes, 0, 0, workspace)
+    double_buffer = 2 * max(sizes)
+    minimum = spec.fixed_bytes + workspace + double_buffer
+    if budget < minimum:
+        gib = 2 ** 30
+        raise ValueError(
+            f"device memory {budget / gib:.3f} GiB cannot hold the double buffer: set it to at "
+            f"least {minimum / gib:.3f} GiB (embeddings/lm_head {spec.fixed_bytes / gib:.3f}, "
+            f"workspace {workspace / gib:.3f} for max_num_tokens={deployment.max_num_tokens}, "
+            f"2 x layer {max(sizes) / gib:.3f}), or lower max_num_tokens")
+    resident, used = 0, double_buffer
+    for size in sizes:
+        if used + size > available:
+            break
+        resident, used = resident + 1, used + size
+    resident_layer_bytes = sum(sizes[:resident])
+    return Placement(resident, spec.fixed_bytes + resident_layer_bytes,
+                     spec.layers_weight_bytes - resident_layer_bytes, double_buffer, workspace)
+
+
+@dataclass(frozen=True)
+class GemmLine:
+    """The GEMM line of a whole iteration: seconds = intercept + slope · tokens (+ lm_head rows)."""
+
+    intercept_s: float
+    slope_s_per_token: float
+    s_per_output_row: float
+
+
+def gemm_line(spec: ModelSpec, profile: HardwareProfile) -> GemmLine:
+    a, b = profile.gemm_intercept_s, profile.gemm_slope_s_per_token
+    intercept = sum(a * spec.layer_weight_bytes(i) / profile.gemm_layer_weight_bytes
+                    for i in range(spec.num_layers))
+    slope = sum(b * f / profile.gemm_layer_flops_per_token for f in spec.layer_flops_per_token)
+    return GemmLine(intercept, slope, spec.head_flops_per_row / profile.gemm_flops_per_s)
+
+
+@dataclass(frozen=True)
+class IterationCost:
+    """Seconds of each resource in one iteration, and the total."""
+
+    io_s: float
+    gemm_s: float
+    attention_s: float
+    exchange_s: float
+    host_memory_s: float
+    compute_s: float
+    """GEMM, attention and exchange combined (overlapped or added, per the host)."""
+    total_s: float
+    dominant: str
+    """What sets total_s: io, gemm, cpu_attention (incl. exchange) or host_memory_bandwidth."""
+    host_memory_bytes: float
+    """Host memory traffic of the iteration (weights streamed + KV read [+ CPU GEMM reads])."""
+
+
+def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placement,
+                   num_tokens: float, num_decode: float, kv_read_tokens: float,
+                   num_output_rows: float, line: GemmLine | None = None) -> IterationCost:
+    """Price one iteration of `num_tokens` tokens (see the module docstring for the equations).
+
+    `line` may be passed precomputed (gemm_line(spec, profile)) when pricing many iterations.
+    """
+    line = gemm_line(spec, profile) if line is None else line
+    io = placement.streamed_bytes / profile.io_bandwidth_bytes_per_s
+    gemm = line.intercept_s + line.slope_s_per_token * num_tokens \
+        + line.s_per_output_row * num_output_rows
+    kv_bytes = kv_read_tokens * spec.kv_bytes_per_token
+    attention = kv_bytes / profile.attention_kv_bytes_per_s
+    exchange = 0.0
+    if num_decode > 0:
+        exchange = spec.num_layers * (profile.exchange_fixed_s + profile.exchange_s_per_byte
+                                      * num_decode * spec.exchange_bytes_per_decode_token)
+    if profile.is_accelerator_separate:
+        compute = max(gemm, attention) + exchange
+        traffic = placement.streamed_bytes + kv_bytes
+    else:
+        compute = gemm + attention + exchange
+        traffic = 2 * placement.streamed_bytes + spec.total_weight_bytes + kv_bytes
+    host_mem = traffic / profile.host_memory_bandwidth_bytes_per_s
+    total = max(io, compute, host_mem)
+    compute_name = "gemm" if gemm >= attention + exchange else "cpu_attention"
+    # On (near) ties prefer the accelerator, then IO: the named resource is the one to buy more of.
+    ranked = [(compute, 0, compute_name), (io, 1, "io"), (host_mem, 2, "host_memory_bandwidth")]
+    dominant = next(name for value, _, name in sorted(ranked, key=lambda r: r[1])
+                    if value >= total * (1 - 1e-9))
+    return IterationCost(io, gemm, attention, exchange, host_mem, compute, total, dominant,
+                         traffic)
+
+
+def classify_bottleneck(cost: IterationCost, is_kv_limited: bool) -> str:
+    """The resource that bounds throughput.
+
+    KV capacity bounds it when the iteration is not full (fewer tokens than the budget) and the
+    time is set by something more tokens would not lengthen (the weight stream, or the GEMMs'
+    fixed part); attention and host-memory time grow with the KV itself, so they keep their name.
+    """
+    if cost.dominant in ("cpu_attention", "host_memory_bandwidth"):
+        return cost.dominant
+    return "kv_capacity" if is_kv_limited else cost.dominant
