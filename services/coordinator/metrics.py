@@ -59,10 +59,12 @@ class CoordinatorMetrics:
     def __init__(self, registry: CollectorRegistry, max_model_len: int = 32768):
         if max_model_len < 1:
             raise ValueError(f"max_model_len {max_model_len}: pass the model's context length")
-        self._register_vllm_like(registry, max_model_len)
+        self._register_scheduler(registry)
+        self._register_requests(registry, max_model_len)
         self._register_moelens(registry)
 
-    def _register_vllm_like(self, registry: CollectorRegistry, max_model_len: int) -> None:
+    def _register_scheduler(self, registry: CollectorRegistry) -> None:
+        """vLLM's scheduler-state gauges and token counters."""
         r = registry
         self.num_requests_running = Gauge(
             "moelens_num_requests_running", "Number of requests in model execution batches.",
@@ -86,6 +88,10 @@ class CoordinatorMetrics:
             ["finished_reason"], registry=r)
         for reason in FINISH_REASONS:
             self.request_success.labels(reason)
+
+    def _register_requests(self, registry: CollectorRegistry, max_model_len: int) -> None:
+        """vLLM's per-request and per-iteration histograms, with vLLM's buckets."""
+        r = registry
         token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = Histogram(
             "moelens_request_prompt_tokens", "Number of prefill tokens per finished request.",
@@ -116,6 +122,7 @@ class CoordinatorMetrics:
             buckets=REQUEST_LATENCY_BUCKETS, registry=r)
 
     def _register_moelens(self, registry: CollectorRegistry) -> None:
+        """What only MoE-Lens knows: the time split, weight streaming, the model's prediction."""
         r = registry
         self.rejected = Counter(
             "moelens_request_rejected", "Requests refused at admission, by reason.",
