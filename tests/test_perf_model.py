@@ -166,6 +166,34 @@ def test_stage2_single_request_lives_g_iterations():
     assert pred.stage2.total_time_s == pytest.approx(7 * pred.stage1.delta_s, rel=1e-6)
 
 
+def test_short_job_admits_at_once_and_is_not_kv_bound():
+    """32 short requests fit the cache and the budget together: one admission iteration."""
+    spec = mixtral_spec()
+    pred = predict(spec, make_profile(spec), Workload(128, 64, 32),
+                   Deployment(kv_cache_bytes=4 * GIB, device_memory_bytes=40 * GIB))
+    assert pred.stage2.num_admission_iterations == 1 and pred.stage2.num_iterations == 64
+    assert pred.bottleneck != "kv_capacity"
+    tight = Deployment(kv_cache_bytes=(32 * 192 // 3) * spec.kv_bytes_per_token,
+                       device_memory_bytes=40 * GIB)
+    slow = predict(spec, make_profile(spec), Workload(128, 64, 32), tight)
+    assert slow.stage2.num_admission_iterations > 1 and slow.bottleneck == "kv_capacity"
+
+
+def test_many_classes_are_binned_closely(monkeypatch):
+    import random
+
+    from services.coordinator import perf_model_stage2
+    rng = random.Random(0)
+    workload = Workload.from_pairs([(rng.randint(16, 1024), rng.randint(8, 256))
+                                    for _ in range(300)])
+    spec = mixtral_spec()
+    deployment = Deployment(kv_cache_bytes=8 * GIB, device_memory_bytes=40 * GIB)
+    binned = predict(spec, make_profile(spec), workload, deployment).stage2
+    monkeypatch.setattr(perf_model_stage2, "MAX_CLASSES", 1000)
+    exact = predict(spec, make_profile(spec), workload, deployment).stage2
+    assert binned.total_time_s == pytest.approx(exact.total_time_s, rel=0.05)
+
+
 def test_mixed_workload_pme_and_prediction():
     same = Workload.from_pairs([(98, 32)] * 10)
     assert workload_pme(same) == pytest.approx(pme(98, 32))

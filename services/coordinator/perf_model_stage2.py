@@ -14,6 +14,8 @@ Admission at a constant rate of q requests per iteration (the scheduler's choice
     q_kv     = ⌊M/b⌋ / F                            steady KV use q·F blocks fits the cache
     q_budget = n_real / τ                           steady tokens q·τ fit the token budget
     q = min(q_kv, q_budget);  A = ⌈K / q⌉ admission iterations, each admitting K_c / A of class c
+    (a job too short to reach steady state may admit faster: the smallest A whose peak blocks
+    and tokens over all its iterations fit ⌊M/b⌋ and n_real)
     iterations = A + g_max − 1:
         ramp   i < min(A, g_max − 1)        not every stage populated yet
         steady g_max − 1 ≤ i ≤ A − 1        identical iterations (counted, not looped)
@@ -63,7 +65,7 @@ class Stage2Prediction:
     drain_iterations: int
     drain_s: float
     admitted_per_iteration: float
-    """q actually used: K / A (≤ min(q_kv, q_budget))."""
+    """q actually used: K / A (≤ min(q_kv, q_budget) once the job reaches steady state)."""
     q_kv: float
     q_budget: float
     tokens_per_steady_iteration: float
@@ -83,8 +85,38 @@ class _Classes:
     block_prefix: np.ndarray  # [C, g_max + 1]: Σ_{j<x} ceil((p + j)/b)
 
 
+MAX_CLASSES = 64
+"""Mixes with more distinct (p, g) are binned to this many classes (cost grows with classes)."""
+
+
+def _binned(rows: list[tuple[int, int, int]], max_classes: int) -> list[tuple[int, int, int]]:
+    """Group (p, g, count) rows into at most max_classes: equal-count bins by g, then by p within
+    each; a bin is its count-weighted mean (p, g)."""
+    if len(rows) <= max_classes:
+        return rows
+    side = max(1, math.isqrt(max_classes))
+
+    def split(items: list, key) -> list[list]:
+        items = sorted(items, key=key)
+        total, out, acc = sum(r[2] for r in items), [[]], 0
+        for r in items:
+            if acc >= total * len(out) / side and out[-1]:
+                out.append([])
+            out[-1].append(r)
+            acc += r[2]
+        return out
+
+    binned = []
+    for by_g in split(rows, key=lambda r: (r[1], r[0])):
+        for group in split(by_g, key=lambda r: (r[0], r[1])):
+            n = sum(r[2] for r in group)
+            binned.append((max(1, round(sum(r[0] * r[2] for r in group) / n)),
+                           max(1, round(sum(r[1] * r[2] for r in group) / n)), n))
+    return binned
+
+
 def _classes(workload: Workload, block_size: int) -> _Classes:
-    rows = workload.classes()
+    rows = _binned(workload.classes(), MAX_CLASSES)
     g_max = max(g for _, g, _ in rows)
     prefix = np.zeros((len(rows), g_max + 1))
     for c, (p, g, _) in enumerate(rows):
@@ -136,7 +168,38 @@ def _admission_rate(cls: _Classes, num_blocks: int, n_real: int) -> tuple[float,
     per_request_blocks = cls.block_prefix[np.arange(len(cls.p)), cls.g.astype(int)]
     mean_blocks = float((weights * per_request_blocks).sum())
     mean_tokens = float((weights * (cls.p + cls.g - 1)).sum())
-    return num_blocks / mean_blocks, n_real / mean_tokens
+    return float(num_blocks / mean_blocks), float(n_real / mean_tokens)
+
+
+def _fits(cls: _Classes, num_adm: int, num_blocks: int, n_real: int) -> tuple[bool, bool]:
+    """(blocks fit the cache, tokens fit the budget) at every iteration when admitting over
+    num_adm iterations."""
+    steps = np.arange(num_adm + int(cls.g.max()) - 1)
+    loads = _iteration_loads(cls, steps, num_adm)
+    return (max(loads["blocks"]) <= num_blocks * (1 + 1e-9),
+            max(loads["tokens"]) <= n_real * (1 + 1e-9))
+
+
+def _choose_admissions(cls: _Classes, num_blocks: int, n_real: int) -> tuple[int, bool]:
+    """(A, is the KV cache what stops a faster admission).
+
+    A job long enough to reach steady state admits at q = min(q_kv, q_budget). A shorter job
+    never fills the pipeline, so its peak KV and tokens stay below the steady-state levels and it
+    may admit faster: search the smallest A whose every iteration fits (peaks fall as A grows).
+    """
+    q_kv, q_budget = _admission_rate(cls, num_blocks, n_real)
+    total_k = float(cls.k.sum())
+    a_steady = max(1, math.ceil(total_k / min(q_kv, q_budget) - 1e-9))
+    if a_steady >= int(cls.g.max()) - 1:
+        return a_steady, bool(q_kv < q_budget)
+    low, high = 1, a_steady  # high always fits: its rate is within the steady-state limits
+    while low < high:
+        mid = (low + high) // 2
+        if all(_fits(cls, mid, num_blocks, n_real)):
+            high = mid
+        else:
+            low = mid + 1
+    return high, high > 1 and not _fits(cls, high - 1, num_blocks, n_real)[0]
 
 
 def stage2_predict(spec: ModelSpec, profile: HardwareProfile, workload: Workload,
@@ -145,9 +208,8 @@ def stage2_predict(spec: ModelSpec, profile: HardwareProfile, workload: Workload
     num_blocks = _check_fits(workload, spec, deployment)
     cls = _classes(workload, deployment.block_size)
     q_kv, q_budget = _admission_rate(cls, num_blocks, n_real)
-    q_kv, q_budget = float(q_kv), float(q_budget)
+    num_adm, is_kv_limited = _choose_admissions(cls, num_blocks, n_real)
     total_k = workload.num_requests
-    num_adm = max(1, math.ceil(total_k / min(q_kv, q_budget) - 1e-9))
     g_max = int(cls.g.max())
     num_ramp = min(num_adm, g_max - 1)
     num_steady = max(0, num_adm - (g_max - 1))
@@ -167,7 +229,6 @@ def stage2_predict(spec: ModelSpec, profile: HardwareProfile, workload: Workload
     generated = float((cls.k * cls.g).sum())
     all_tokens = float((cls.k * (cls.p + cls.g)).sum())
     blocks = loads["blocks"][ref]
-    is_kv_limited = q_kv < q_budget and total_k > q_kv
     return Stage2Prediction(
         total_time_s=total_s, output_tokens_per_s=generated / total_s,
         total_tokens_per_s=all_tokens / total_s, num_iterations=num_adm + g_max - 1,
