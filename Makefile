@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 VENV_PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.moe-lens-installed
 
-.PHONY: venv test run proto clean distclean
+.PHONY: venv system-deps test run proto clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -23,7 +23,12 @@ $(VENV_STAMP): pyproject.toml Makefile
 proto: venv
 	$(VENV_PY) -m moelens.protogen
 
-test: venv
+# Debian's prometheus (promtool, the integration test's server) and docker-compose (validates
+# compose.yaml); idempotent.
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: venv system-deps
 	$(VENV)/bin/pytest -q
 
 run: venv

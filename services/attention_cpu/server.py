@@ -49,7 +49,7 @@ def _metrics(args):
     from moelens.metrics_server import RpcMetrics, start_metrics_server
     from services.attention_cpu.metrics import AttentionMetrics
     registry = CollectorRegistry()
-    start_metrics_server(args.metrics_port, registry)
+    start_metrics_server(args.metrics_port, registry, host=args.host)
     return AttentionMetrics(registry), RpcMetrics(registry, "attention_cpu").observe
 
 

@@ -37,7 +37,7 @@ def _metrics(args):
     from moelens.metrics_server import RpcMetrics, start_metrics_server
     from services.coordinator.metrics import CoordinatorMetrics
     registry = CollectorRegistry()
-    start_metrics_server(args.metrics_port, registry)
+    start_metrics_server(args.metrics_port, registry, host=args.host)
     return CoordinatorMetrics(registry), RpcMetrics(registry, "coordinator").observe
 
 

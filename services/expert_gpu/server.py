@@ -52,7 +52,7 @@ def _metrics(args):
     from moelens.metrics_server import RpcMetrics, start_metrics_server
     from services.expert_gpu.metrics import ExpertMetrics
     registry = CollectorRegistry()
-    start_metrics_server(args.metrics_port, registry)
+    start_metrics_server(args.metrics_port, registry, host=args.host)
     return ExpertMetrics(registry), RpcMetrics(registry, "expert_gpu").observe
 
 
