@@ -8,7 +8,7 @@ Both stages of the model price an iteration the same way, from a HardwareProfile
     exchange  = L · (fixed + bytes per decode token · n_decode · per-byte)
     compute   = max(gemm, attention) + exchange   (accelerator host: the two groups overlap)
               = gemm + attention + exchange       (CPU-only host: they share the cores)
-    host_mem  = (streamed bytes · c + [CPU-only: all weight bytes] + KV bytes read) / B_host
+    host_mem  = (streamed bytes · c + [CPU-only: all layer weights] + KV bytes read) / B_host
     total     = max(io, compute, host_mem)
 
 host_mem is the contention term the paper did not model: weight streaming and CPU attention both
@@ -133,14 +133,13 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
         traffic = placement.streamed_bytes + kv_bytes
     else:
         compute = gemm + attention + exchange
-        traffic = 2 * placement.streamed_bytes + spec.total_weight_bytes + kv_bytes
+        traffic = 2 * placement.streamed_bytes + spec.layers_weight_bytes + kv_bytes
     host_mem = traffic / profile.host_memory_bandwidth_bytes_per_s
     total = max(io, compute, host_mem)
     compute_name = "gemm" if gemm >= attention + exchange else "cpu_attention"
     # On (near) ties prefer the accelerator, then IO: the named resource is the one to buy more of.
-    ranked = [(compute, 0, compute_name), (io, 1, "io"), (host_mem, 2, "host_memory_bandwidth")]
-    dominant = next(name for value, _, name in sorted(ranked, key=lambda r: r[1])
-                    if value >= total * (1 - 1e-9))
+    ranked = [(compute, compute_name), (io, "io"), (host_mem, "host_memory_bandwidth")]
+    dominant = next(name for value, name in ranked if value >= total * (1 - 1e-9))
     return IterationCost(io, gemm, attention, exchange, host_mem, compute, total, dominant,
                          traffic)
 
