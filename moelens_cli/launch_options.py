@@ -33,7 +33,8 @@ class LaunchOptions:
     """Tokens per step; also sizes the expert workspace and the shared-memory slots."""
     max_num_seqs: int | None = None
     max_waiting: int | None = None
-    pipeline: bool = True
+    pipeline: str = "auto"
+    """Two-group pipeline: "auto" (on when the expert runs on an accelerator), "on" or "off"."""
     host: str = "127.0.0.1"
     """Where the coordinator binds (the compute services always bind loopback)."""
     port: int = 0
@@ -59,6 +60,7 @@ class LaunchOptions:
              "must be >= 1"),
             (0 <= self.port <= 65535, "--port", "must be in [0, 65535] (0 = pick a free one)"),
             (0 <= self.metrics_port <= 65533, "--metrics-port", "must be in [0, 65533]"),
+            (self.pipeline in ("auto", "on", "off"), "--pipeline", "must be auto, on or off"),
             (self.startup_timeout_s > 0, "--startup-timeout", "must be > 0 seconds"),
         ]
         config_json = Path(self.model).expanduser() / "config.json"
@@ -88,7 +90,7 @@ class LaunchOptions:
             flags += ["--expert", addresses["expert"], "--attention", addresses["attention"]]
             flags += _optional(token_budget=self.token_budget, max_num_seqs=self.max_num_seqs,
                                max_waiting=self.max_waiting)
-            flags += [] if self.pipeline else ["--no-pipeline"]
+            flags += ["--pipeline", self.pipeline]
         return flags
 
 
@@ -119,7 +121,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per step (default: from the performance model)")
     add("--max-num-seqs", type=int, default=None, help="most running requests")
     add("--max-waiting", type=int, default=None, help="bound on the waiting queue")
-    add("--no-pipeline", action="store_true", help="turn off the two-group pipeline")
+    add("--pipeline", choices=["auto", "on", "off"], default="auto",
+        help="two-group pipeline overlapping CPU attention with GEMMs (auto: on with an "
+             "accelerator)")
+    add("--no-pipeline", dest="pipeline", action="store_const", const="off",
+        help="same as --pipeline off")
     add("--service-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add("--log-dir", type=Path, default=None,
         help="keep service logs here (default: a temp folder, removed after a clean stop)")
@@ -135,7 +141,7 @@ def options_from_args(args: argparse.Namespace, **overrides: object) -> LaunchOp
         device_memory_gb=args.device_memory_gb, dtype=args.dtype,
         expert_threads=args.expert_threads, attention_threads=args.attention_threads,
         token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-        max_waiting=args.max_waiting, pipeline=not args.no_pipeline,
+        max_waiting=args.max_waiting, pipeline=args.pipeline,
         log_level=args.service_log_level, log_dir=args.log_dir,
         startup_timeout_s=args.startup_timeout)
     values.update(overrides)

@@ -39,10 +39,10 @@ def _run(services, prompts, lengths, num_requests):
 
 
 @pytest.mark.parametrize("num_requests,options", [
-    (NUM_REQUESTS, dict(kv_cache_gb=0.05, token_budget=512)),
+    (NUM_REQUESTS, dict(kv_cache_gb=0.05, token_budget=512, pipeline="on")),
     (96, dict(kv_cache_gb=0.0005, token_budget=512)),  # ~1k tokens of KV: forces preemptions
-    (96, dict(kv_cache_gb=0.05, token_budget=512, pipeline=False)),
-], ids=["plain", "preempting", "no-pipeline"])
+    (96, dict(kv_cache_gb=0.05, token_budget=512, pipeline="off")),
+], ids=["pipeline", "preempting", "no-pipeline"])
 def test_batch_matches_each_alone(tiny_checkpoints, workload, num_requests, options):
     prompts, lengths, expected = workload
     expected = expected[:num_requests]

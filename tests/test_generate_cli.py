@@ -113,7 +113,7 @@ def test_generate_command_fails_before_starting_anything(tmp_path, capsys):
 
 def test_launch_options_flags(tmp_path):
     options = LaunchOptions(transport="grpc", kv_cache_gb=1.5, expert_threads=1,
-                            token_budget=512, pipeline=False, metrics_port=9400)
+                            token_budget=512, pipeline="off", metrics_port=9400)
     addresses = {"attention": "127.0.0.1:1", "expert": "127.0.0.1:2"}
     attention = options.role_flags("attention", "/m", addresses)
     expert = options.role_flags("expert", "/m", addresses)
@@ -125,7 +125,7 @@ def test_launch_options_flags(tmp_path):
                       "--max-num-tokens", "512"]
     assert coordinator == ["--model", "/m", "--metrics-port", "9400", "--expert", "127.0.0.1:2",
                            "--attention", "127.0.0.1:1", "--token-budget", "512",
-                           "--no-pipeline"]
+                           "--pipeline", "off"]
     with pytest.raises(ValueError, match="--kv-cache-gb"):
         LaunchOptions(kv_cache_gb=0)
     with pytest.raises(ValueError, match="no config.json"):

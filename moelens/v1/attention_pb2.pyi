@@ -13,7 +13,7 @@ class AttentionInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttentionInfo(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "num_used_blocks", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "pool_bytes", "kernel_backend", "num_threads", "shm_name", "shm_num_slots", "shm_slot_bytes", "kv_read_bytes_per_s")
+    __slots__ = ("num_blocks", "block_size", "num_used_blocks", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "pool_bytes", "kernel_backend", "num_threads", "shm_name", "shm_num_slots", "shm_slot_bytes", "kv_read_bytes_per_s", "host_read_bytes_per_s")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class AttentionInfo(_message.Message):
     SHM_NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    HOST_READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     num_used_blocks: int
@@ -42,7 +43,8 @@ class AttentionInfo(_message.Message):
     shm_num_slots: int
     shm_slot_bytes: int
     kv_read_bytes_per_s: float
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., pool_bytes: _Optional[int] = ..., kernel_backend: _Optional[str] = ..., num_threads: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_num_slots: _Optional[int] = ..., shm_slot_bytes: _Optional[int] = ..., kv_read_bytes_per_s: _Optional[float] = ...) -> None: ...
+    host_read_bytes_per_s: float
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., pool_bytes: _Optional[int] = ..., kernel_backend: _Optional[str] = ..., num_threads: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_num_slots: _Optional[int] = ..., shm_slot_bytes: _Optional[int] = ..., kv_read_bytes_per_s: _Optional[float] = ..., host_read_bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class SequenceBlocks(_message.Message):
     __slots__ = ("seq_id", "block_ids")

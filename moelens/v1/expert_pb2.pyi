@@ -21,7 +21,7 @@ class LinearFit(_message.Message):
     def __init__(self, intercept_s: _Optional[float] = ..., slope_s: _Optional[float] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("model_path", "model_type", "device", "dtype", "num_layers", "vocab_size", "max_model_len", "device_memory_budget_bytes", "num_resident_layers", "num_streamed_layers", "weight_bytes_total", "weight_bytes_streamed_per_step", "h2d_bytes_per_s", "layer_gemm", "eos_token_ids", "transport", "is_ready")
+    __slots__ = ("model_path", "model_type", "device", "dtype", "num_layers", "vocab_size", "max_model_len", "device_memory_budget_bytes", "num_resident_layers", "num_streamed_layers", "weight_bytes_total", "weight_bytes_streamed_per_step", "h2d_bytes_per_s", "layer_gemm", "eos_token_ids", "transport", "is_ready", "max_num_tokens", "exchange_fixed_s", "exchange_s_per_byte")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,9 @@ class ExpertInfo(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     IS_READY_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIXED_S_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_S_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_type: str
     device: str
@@ -56,7 +59,10 @@ class ExpertInfo(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     transport: str
     is_ready: bool
-    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_memory_budget_bytes: _Optional[int] = ..., num_resident_layers: _Optional[int] = ..., num_streamed_layers: _Optional[int] = ..., weight_bytes_total: _Optional[int] = ..., weight_bytes_streamed_per_step: _Optional[int] = ..., h2d_bytes_per_s: _Optional[float] = ..., layer_gemm: _Optional[_Union[LinearFit, _Mapping]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., is_ready: _Optional[bool] = ...) -> None: ...
+    max_num_tokens: int
+    exchange_fixed_s: float
+    exchange_s_per_byte: float
+    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_memory_budget_bytes: _Optional[int] = ..., num_resident_layers: _Optional[int] = ..., num_streamed_layers: _Optional[int] = ..., weight_bytes_total: _Optional[int] = ..., weight_bytes_streamed_per_step: _Optional[int] = ..., h2d_bytes_per_s: _Optional[float] = ..., layer_gemm: _Optional[_Union[LinearFit, _Mapping]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., is_ready: _Optional[bool] = ..., max_num_tokens: _Optional[int] = ..., exchange_fixed_s: _Optional[float] = ..., exchange_s_per_byte: _Optional[float] = ...) -> None: ...
 
 class SequencePlan(_message.Message):
     __slots__ = ("seq_id", "token_ids", "start_position", "block_ids", "emit", "num_generated", "sampling", "seed")

@@ -67,6 +67,7 @@ class AttentionEngine:
         self.seq_to_blocks: dict[int, list[int]] = {}
         self._lock = threading.Lock()
         self.kv_read_bytes_per_s = 0.0
+        self.host_read_bytes_per_s = 0.0
 
     # Capacity ---------------------------------------------------------------------------------
     @property

@@ -30,7 +30,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
             shm_name=self.arena.name if self.arena else "",
             shm_num_slots=self.arena.num_slots if self.arena else 0,
             shm_slot_bytes=self.arena.slot_bytes if self.arena else 0,
-            kv_read_bytes_per_s=e.kv_read_bytes_per_s)
+            kv_read_bytes_per_s=e.kv_read_bytes_per_s,
+            host_read_bytes_per_s=e.host_read_bytes_per_s)
 
     def Info(self, request, context):
         self._report_capacity()
@@ -39,6 +40,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
     def Warmup(self, request, context):
         from services.attention_cpu.warmup import measure_kv_bandwidth
         self.engine.kv_read_bytes_per_s = measure_kv_bandwidth(self.engine)
+        self.engine.host_read_bytes_per_s = self.engine.kernel.stream_read_gbps(
+            num_threads=self.engine.config.num_threads) * 1e9
         return self._info()
 
     def FreeSequences(self, request, context):

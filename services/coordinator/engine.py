@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from moelens.errors import InvalidArgument, Unavailable
 from moelens.stats import StepStats
 from services.coordinator.executor import Executor, StepResult
 from services.coordinator.request import Request, RequestStatus
@@ -46,10 +47,12 @@ class Engine:
         self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the loop; live requests end with UNAVAILABLE rather than hanging their streams."""
         self._stopping.set()
         with self._inbox.lock:
             self._inbox.lock.notify_all()
         self._thread.join(timeout=30)
+        self._fail_all(Unavailable("the coordinator is shutting down"))
 
     # Handler-thread API ------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -58,7 +61,6 @@ class Engine:
             if self.fatal_error is not None:
                 raise self.fatal_error
             if request.request_id in self.requests:
-                from moelens.errors import InvalidArgument
                 raise InvalidArgument(f"request_id {request.request_id!r} is already running")
             self.scheduler.add(request)
             self.requests[request.request_id] = request
@@ -71,6 +73,11 @@ class Engine:
             self._inbox.aborts.append(request_id)
             self._inbox.lock.notify_all()
             return True
+
+    def live_pairs(self) -> list[tuple[int, int]]:
+        """(prompt_len, max_tokens) of every live request: the load the Lens predicts for."""
+        with self._inbox.lock:
+            return [(len(r.prompt_ids), r.params.max_tokens) for r in self.requests.values()]
 
     # Loop --------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -41,7 +41,7 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
 
 
 class Executor:
-    def __init__(self, expert_address: str, attention_address: str, pipeline: bool):
+    def __init__(self, expert_address: str, attention_address: str, pipeline: bool = False):
         self.expert_address, self.attention_address = expert_address, attention_address
         self.pipeline = pipeline
         self._expert_channel = grpc.insecure_channel(expert_address, options=CHANNEL_OPTIONS)

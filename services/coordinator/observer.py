@@ -10,20 +10,19 @@ import collections
 import threading
 import time
 
-from moelens.config import ModelConfig
 from moelens.stats import PredictionStats, RequestStats, StepStats
+from services.coordinator.lens import LiveLens
 from services.coordinator.request import FINISH_REASON, Request
 
 WINDOW_S = 30.0  # measured throughput is averaged over this window
 
 
 class StatsObserver:
-    def __init__(self, model: ModelConfig, expert_info, attention_info, metrics=None):
-        self.model, self.expert_info, self.attention_info = model, expert_info, attention_info
-        self.metrics = metrics
+    def __init__(self, lens: LiveLens, metrics=None):
+        self.lens, self.metrics = lens, metrics
         self._steps: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
-        self._last_prediction = PredictionStats(0.0, 0.0, "")
+        self.live_pairs = lambda: []  # (prompt_len, max_tokens) of live requests; set by the owner
 
     # Engine hooks ------------------------------------------------------------------------------
     def on_step(self, stats: StepStats) -> None:
@@ -32,9 +31,11 @@ class StatsObserver:
             self._steps.append((now, stats.num_tokens))
             while self._steps and self._steps[0][0] < now - WINDOW_S:
                 self._steps.popleft()
+        self.lens.refresh(self.live_pairs())
         if self.metrics:
             self.metrics.observe_step(stats)
             self.metrics.set_queue(stats.num_running, stats.num_waiting)
+            self.metrics.observe_prediction(self.prediction())
 
     def on_finished(self, request: Request) -> None:
         if self.metrics:
@@ -48,21 +49,10 @@ class StatsObserver:
             span = self._steps[-1][0] - self._steps[0][0]
             return sum(n for _, n in list(self._steps)[1:]) / span if span > 0 else 0.0
 
-    def token_budget(self) -> int:
-        """Tokens per iteration: where the GEMM line's fixed cost falls to 5% of the step
-        (beyond it, more tokens per step buy little), within the expert's workspace."""
-        line = self.expert_info.layer_gemm
-        if line.slope_s <= 0:
-            return 2048
-        n = int(line.intercept_s / (0.05 * line.slope_s))
-        return max(256, min(n, 8192))
-
     def prediction(self) -> PredictionStats:
-        self._last_prediction = PredictionStats(
-            predicted_tokens_per_s=self._last_prediction.predicted_tokens_per_s,
-            measured_tokens_per_s=self.measured_tokens_per_s(),
-            bottleneck=self._last_prediction.bottleneck)
-        return self._last_prediction
+        return PredictionStats(predicted_tokens_per_s=self.lens.predicted_tokens_per_s,
+                               measured_tokens_per_s=self.measured_tokens_per_s(),
+                               bottleneck=self.lens.bottleneck)
 
 
 def request_stats(r: Request) -> RequestStats:

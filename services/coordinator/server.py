@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.service_args import (add_common_arguments, configure_logging, resolve_model,
@@ -22,11 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", required=True, help="attention service host:port")
     parser.add_argument("--token-budget", type=int, default=None,
                         help="tokens per iteration (default: from the performance model)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="HardwareProfile JSON (moe-lens profile); default: assembled from "
+                             "the compute services' warmup measurements")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="running requests at most")
     parser.add_argument("--max-waiting", type=int, default=4096,
                         help="waiting requests at most (beyond: RESOURCE_EXHAUSTED)")
-    parser.add_argument("--no-pipeline", action="store_true",
-                        help="one group per step (no attention/GEMM overlap), for comparison")
+    parser.add_argument("--pipeline", choices=["auto", "on", "off"], default="auto",
+                        help="two-group pipeline overlapping CPU attention with GEMMs; auto = on "
+                             "when the expert runs on an accelerator (on a CPU-only host both "
+                             "share the cores and smaller groups only lower GEMM efficiency)")
+    parser.add_argument("--no-pipeline", dest="pipeline", action="store_const", const="off",
+                        help="same as --pipeline off")
 
 
 def _metrics(args):
@@ -45,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     options = CoordinatorOptions(model_dir=resolve_model(args.model), expert_address=args.expert,
                                  attention_address=args.attention, token_budget=args.token_budget,
+                                 profile_path=args.profile,
                                  max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-                                 pipeline=not args.no_pipeline)
+                                 pipeline=args.pipeline)
     metrics, observe = _metrics(args)
     holder: dict = {}
     handle = start_server(lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(

@@ -14,6 +14,7 @@ import torch
 
 from moelens.model.stages import post_attention, pre_attention
 from moelens.sampling import RowSampling, SamplingParams
+from moelens.v1 import attention_pb2
 from services.expert_gpu.runner import SeqStep
 
 WARMUP_SEQ_ID = -1
@@ -24,6 +25,8 @@ class ExpertProfile:
     h2d_bytes_per_s: float
     gemm_intercept_s: float
     gemm_slope_s: float
+    exchange_fixed_s: float
+    exchange_s_per_byte: float
 
 
 def _now(device: torch.device) -> float:
@@ -68,6 +71,34 @@ def measure_gemm_line(worker, token_counts=(32, 128, 512)) -> tuple[float, float
     return max(intercept, 0.0), max(slope, 1e-12)
 
 
+def measure_exchange(worker, num_tokens: int = 256, repeats: int = 5) -> tuple[float, float]:
+    """(fixed s, s per byte) of one layer exchange on the real stream: an empty round trip, and
+    one carrying `num_tokens` rows of k, v and q (stored into the warmup sequence's slots)."""
+    cfg, bs = worker.cfg, worker.runner.block_size
+    blocks = list(range(-(-num_tokens // bs)))
+    plan = attention_pb2.AttentionPlan(slots=list(range(num_tokens)))
+    plan.sequences.add(seq_id=WARMUP_SEQ_ID, block_ids=blocks)
+
+    def round_trip(n: int) -> float:
+        k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim)
+        q = torch.zeros(0, cfg.num_heads, cfg.head_dim)
+        best = float("inf")
+        for _ in range(repeats):
+            request = attention_pb2.LayerRequest(step_id=0, layer=0, group=0)
+            request.plan.CopyFrom(attention_pb2.AttentionPlan(slots=plan.slots[:n],
+                                                              sequences=plan.sequences))
+            start = time.perf_counter()
+            worker.attention.send_layer(request, {"k": k, "v": k, "q": q})
+            worker.attention.recv_out()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    fixed = round_trip(0)
+    per_byte = max(0.0, round_trip(num_tokens) - fixed) / (2 * num_tokens * cfg.kv_size * 4)
+    worker.attention.free([WARMUP_SEQ_ID])
+    return fixed, per_byte
+
+
 def run_dummy_step(worker, num_tokens: int = 16) -> None:
     """One real step through the attention service, then release its blocks there."""
     bs = worker.runner.block_size
@@ -90,4 +121,6 @@ def measure_profile(worker) -> ExpertProfile:
             worker.store.layer(layer)
             worker.store.release(layer)
     worker.store.take_counters()
-    return ExpertProfile(h2d_bytes_per_s=h2d, gemm_intercept_s=intercept, gemm_slope_s=slope)
+    fixed, per_byte = measure_exchange(worker)
+    return ExpertProfile(h2d_bytes_per_s=h2d, gemm_intercept_s=intercept, gemm_slope_s=slope,
+                         exchange_fixed_s=fixed, exchange_s_per_byte=per_byte)

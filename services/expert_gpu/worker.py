@@ -96,11 +96,13 @@ class ExpertWorker:
             weight_bytes_total=self.weight_bytes_total,
             weight_bytes_streamed_per_step=self.store.streamed_bytes_per_step,
             eos_token_ids=list(self.eos_token_ids), transport=self.config.transport,
-            is_ready=self.is_ready)
+            is_ready=self.is_ready, max_num_tokens=self.config.max_num_tokens)
         if self.profile is not None:
             info.h2d_bytes_per_s = self.profile.h2d_bytes_per_s
             info.layer_gemm.intercept_s = self.profile.gemm_intercept_s
             info.layer_gemm.slope_s = self.profile.gemm_slope_s
+            info.exchange_fixed_s = self.profile.exchange_fixed_s
+            info.exchange_s_per_byte = self.profile.exchange_s_per_byte
         return info
 
     def close(self) -> None:

@@ -1,0 +1,226 @@
+"""The attention service's decode kernel: a C++ extension built on first use, torch as fallback.
+
+Shapes: R query rows, Hq query heads, Hkv KV heads, D head_dim, N pool blocks, B block_size,
+T new tokens. Semantics match `moelens.model.attention` (the reference and the fallback).
+
+The extension (csrc/) is compiled once per source/torch/Python version into
+`<user cache>/moe-lens/ext/<key>/`; later processes import the built library directly. A build
+happens in a temporary folder under an exclusive file lock and is renamed into place, so
+concurrent first starts neither corrupt nor duplicate each other and a killed build leaves no
+stale lock. If it cannot be built (no compiler, no OpenMP) the torch reference runs instead, with
+one warning.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import platformdirs
+import torch
+
+from moelens.model import attention as reference
+
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+LDFLAGS = ("-fopenmp",)
+# Only for a checking run (with libasan preloaded into Python), never in service.
+SANITIZE_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer")
+ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}
+
+
+@dataclass
+class KernelSettings:
+    """Process-wide choices for the kernel."""
+
+    num_threads: int = 0
+    """Threads per call; 0 means torch's current thread count (see set_num_threads)."""
+    forced_backend: str | None = None
+    """"scalar", "avx2", "avx512" or "torch" to pin a path (tests, benchmarks); None: best."""
+    sanitize: bool = False
+    """Build and load the AddressSanitizer variant (needs libasan preloaded)."""
+
+
+_settings = KernelSettings()
+
+
+def _build_key(cflags: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CSRC_DIR.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    tags = (torch.__version__, sys.implementation.cache_tag, platform.machine(), *cflags)
+    digest.update("\0".join(tags).encode())
+    return digest.hexdigest()[:16]
+
+
+def _import_library(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_or_build(sanitize: bool) -> ModuleType:
+    from torch.utils import cpp_extension  # imported lazily: it is slow and rarely needed
+
+    cflags = CFLAGS + (SANITIZE_FLAGS if sanitize else ())
+    ldflags = LDFLAGS + (SANITIZE_FLAGS if sanitize else ())
+    key = _build_key(cflags)
+    name = f"moelens_attention_{key}"
+    root = Path(platformdirs.user_cache_dir("moe-lens")) / "ext"
+    final = root / key
+    library = final / f"{name}{cpp_extension.LIB_EXT}"
+    if library.exists():
+        return _import_library(name, library)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
+        if library.exists():  # another process built it while we waited
+            return _import_library(name, library)
+        build_dir = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root))
+        try:
+            module = cpp_extension.load(
+                name=name, sources=[str(CSRC_DIR / "paged_attention.cpp")],
+                extra_cflags=list(cflags), extra_ldflags=list(ldflags),
+                extra_include_paths=[str(CSRC_DIR)], build_directory=str(build_dir),
+                verbose=False)
+            os.rename(build_dir, final)
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
+    return module
+
+
+@lru_cache(maxsize=None)
+def load_extension(sanitize: bool = False) -> ModuleType | None:
+    """The compiled extension, or None (after one warning) when it cannot be built here."""
+    try:
+        return _load_or_build(sanitize)
+    except Exception as exc:  # any build or import failure means: use the torch reference
+        warnings.warn(f"attention_cpu: C++ attention kernel unavailable ({str(exc)[:400]}); "
+                      "falling back to the much slower torch reference", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+def _extension() -> ModuleType | None:
+    return load_extension(_settings.sanitize)
+
+
+def is_native() -> bool:
+    """True when calls run the C++ kernel (of any ISA), False on the torch fallback."""
+    return backend() != "torch"
+
+
+def available_backends() -> list[str]:
+    """Backends this machine can run, best first; "torch" is always last."""
+    ext = _extension()
+    return (list(ext.supported_isas()) if ext is not None else []) + ["torch"]
+
+
+def backend() -> str:
+    """"avx512", "avx2", "scalar", or "torch" when the extension could not be built."""
+    if _settings.forced_backend is not None:
+        return _settings.forced_backend
+    return available_backends()[0]
+
+
+def force_backend(name: str | None) -> None:
+    """Pin a backend (None: the best one). Raises ValueError for one this machine cannot run."""
+    if name is not None and name not in available_backends():
+        raise ValueError(f"backend {name!r} is not available here; choose one of "
+                         f"{available_backends()} or None")
+    _settings.forced_backend = name
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Threads each kernel call uses (the attention service passes its share of the cores)."""
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    _settings.num_threads = num_threads
+
+
+def get_num_threads() -> int:
+    return _settings.num_threads or torch.get_num_threads()
+
+
+def _check_reference_inputs(k_pool: torch.Tensor, block_tables: torch.Tensor,
+                            context_lens: torch.Tensor) -> None:
+    """The native kernel's row checks, for the torch fallback (which would index silently)."""
+    if bool((context_lens <= 0).any()):
+        raise ValueError("context_lens must all be positive")
+    needed = (context_lens.long() + k_pool.shape[2] - 1) // k_pool.shape[2]  # [R]
+    if int(needed.max()) > block_tables.shape[1]:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} columns but a row needs "
+                         f"{int(needed.max())} blocks")
+    used = torch.arange(block_tables.shape[1])[None, :] < needed[:, None]  # [R, max_blocks]
+    blocks = block_tables[used]
+    if bool(((blocks < 0) | (blocks >= k_pool.shape[0])).any()):
+        raise ValueError(f"block_tables holds an entry outside [0, {k_pool.shape[0]}) "
+                         "where a block is needed")
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                    num_threads: int | None = None) -> torch.Tensor:
+    """Each query row attends to the first `context_lens[r]` cached tokens of its block table.
+
+    q: [R, Hq, D] fp32; k_pool, v_pool: [N, Hkv, B, D] fp32/fp16/bf16; block_tables:
+    [R, max_blocks] int32 (entries past the needed blocks are ignored, e.g. -1); context_lens:
+    [R] int32, all > 0. Returns [R, Hq, D] fp32. Bad inputs raise ValueError.
+    """
+    name = backend()
+    if name == "torch":
+        _check_reference_inputs(k_pool, block_tables, context_lens)
+        return reference.paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+    return _extension().paged_attention(q, k_pool, v_pool, block_tables, context_lens,
+                                        float(scale), num_threads or get_num_threads(),
+                                        ISA_CODES[name])
+
+
+def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write new K/V rows at their slots, converted to the pool dtype.
+
+    k_pool, v_pool: [N, Hkv, B, D]; k, v: [T, Hkv, D]; slots: [T] int64 (block * B + offset).
+    """
+    ext = _extension()
+    if ext is None or backend() == "torch":
+        if bool(((slots < 0) | (slots >= k_pool.shape[0] * k_pool.shape[2])).any()):
+            raise ValueError("a slot is outside the pool")
+        reference.store_kv(k_pool, v_pool, k, v, slots)
+        return
+    ext.store_kv(k_pool, v_pool, k, v, slots)
+
+
+def stream_read_gbps(num_bytes: int = 256 << 20, num_threads: int | None = None,
+                     reps: int = 5) -> float:
+    """The machine's streaming read bandwidth (GB/s, best of `reps`) with the kernel's threads.
+
+    Uses a buffer far larger than the last-level cache so the figure is DRAM bandwidth.
+    """
+    threads = num_threads or get_num_threads()
+    name = backend()
+    if name != "torch":
+        return _extension().stream_read_gbps(num_bytes, threads, reps, ISA_CODES[name])
+    buf = torch.ones(num_bytes // 4)  # fallback: torch's vectorised sum
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best / 1e9
