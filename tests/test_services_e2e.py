@@ -16,7 +16,7 @@ import pytest
 
 from moelens.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from services_fixture import running_services
-from tiny_models import FAMILIES, hf_greedy, load_reference
+from tiny_models import FAMILIES, build_tiny, hf_greedy, load_reference
 
 PROMPT_LENS = (5, 19, 33)
 NUM_TOKENS = 34
@@ -72,3 +72,41 @@ def test_generate_command_matches_transformers(tiny_checkpoints, tmp_path):
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert [r["token_ids"] for r in rows] == [hf_greedy(reference, p, NUM_TOKENS) for p in prompts]
     assert all(r["num_generated_tokens"] == NUM_TOKENS for r in rows)
+
+
+def _streaming_budget_gb(model_dir, max_num_tokens: int, extra_layers: int) -> float:
+    """A device budget that holds the double buffer plus `extra_layers` resident layers."""
+    from moelens.checkpoint import load_weights
+    from services.expert_gpu.worker import workspace_bytes
+    cfg, weights = load_weights(model_dir)
+    layer = max(lw.num_bytes() for lw in weights.layers)
+    fixed = (weights.embed.numel() * 2 + weights.final_norm.numel()) * 4
+    need = fixed + workspace_bytes(cfg, max_num_tokens, 4) + (2 + extra_layers) * layer
+    return (need + layer // 2) / 2**30
+
+
+@pytest.mark.slow
+def test_streamed_layers_match_transformers(tmp_path):
+    """4 layers under a budget for the double buffer + 1 layer: 1 resident, 3 streamed (an odd
+    count, so the two buffers swap roles from one step to the next)."""
+    from moelens.v1 import expert_pb2, expert_pb2_grpc
+    model_dir = build_tiny("qwen2_moe", tmp_path / "four", num_hidden_layers=4, mlp_only_layers=[])
+    reference = load_reference(model_dir)
+    prompts = _prompts(reference.config.vocab_size)
+    budget = _streaming_budget_gb(model_dir, 256, extra_layers=1)
+    with running_services(model_dir, device_memory_gb=budget, token_budget=256) as services:
+        with grpc.insecure_channel(services.expert_address) as channel:
+            info = expert_pb2_grpc.ExpertServiceStub(channel).Info(expert_pb2.ExpertInfoRequest())
+        got = [_generate(services.coordinator_address, p, NUM_TOKENS) for p in prompts]
+    assert info.num_resident_layers == 1 and info.num_streamed_layers == 3
+    assert got == [hf_greedy(reference, p, NUM_TOKENS) for p in prompts]
+
+
+@pytest.mark.slow
+def test_budget_below_double_buffer_fails_with_minimum(tiny_checkpoints):
+    from moelens_cli.launcher import ServiceStartError
+    model_dir = tiny_checkpoints["mixtral"]
+    budget = _streaming_budget_gb(model_dir, 256, extra_layers=0) / 2
+    with pytest.raises(ServiceStartError, match="minimum is"):
+        with running_services(model_dir, device_memory_gb=budget, token_budget=256):
+            pass

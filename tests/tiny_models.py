@@ -29,10 +29,13 @@ FAMILIES = {
 }
 
 
-def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny checkpoint of `family` to out_dir and return it."""
+def build_tiny(family: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny checkpoint of `family` (config fields overridden by `overrides`)."""
     torch.manual_seed(seed)
     config = FAMILIES[family]()
+    if overrides:  # rebuild so derived fields (e.g. layer_types) follow the new values
+        fields = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+        config = type(config)(**{**fields, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
     return out_dir

@@ -62,6 +62,7 @@ class AttentionEngine:
         self.pool = KVPool.allocate(model.num_layers, num_blocks, model.num_kv_heads,
                                     config.block_size, model.head_dim, dtype)
         self.kernel = _load_kernel()
+        self.kernel.backend()  # compiles the extension on first use: before serving, not in an RPC
         self.kernel.set_num_threads(config.num_threads)
         self.scale = model.head_dim ** -0.5
         self.seq_to_blocks: dict[int, list[int]] = {}
