@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import queue
-import time
 
 import grpc
+import torch
 
 from moelens import exchange
 from moelens.errors import Unavailable
@@ -61,7 +61,7 @@ class AttentionClient:
         except StopIteration:
             raise Unavailable(f"attention service at {self.address} closed the stream") from None
 
-    def recv_out(self) -> tuple[attention_pb2.LayerResponse, "torch.Tensor"]:
+    def recv_out(self) -> tuple[attention_pb2.LayerResponse, torch.Tensor]:
         response = self.recv()
         return response, exchange.get_tensors(response, ("out",), self.arena)["out"]
 
