@@ -83,3 +83,14 @@ class RpcMetrics:
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.duration.labels(self.service, method, code).observe(seconds)
+
+
+def start_service_metrics(port: int, host: str, service: str, exporter_factory):
+    """A service's exporter and RPC observer on `--metrics-port`, or (None, None) when it is 0.
+
+    exporter_factory(registry) builds the service's exporter (CoordinatorMetrics, ...)."""
+    if not port:
+        return None, None
+    registry = CollectorRegistry()
+    start_metrics_server(port, registry, host=host)
+    return exporter_factory(registry), RpcMetrics(registry, service).observe

@@ -8,10 +8,12 @@ import logging
 from moelens.config import load_config
 from moelens.exchange import NUM_SLOTS, shm_slot_bytes
 from moelens.grpc_server import start_server, wait_for_termination
+from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
                                   resolve_model, write_port_file)
 from moelens.shm import ShmArena, align_up
 from moelens.v1 import attention_pb2, attention_pb2_grpc
+from services.attention_cpu.metrics import AttentionMetrics
 from services.attention_cpu.config import KV_DTYPES, TRANSPORTS, AttentionConfig
 from services.attention_cpu.engine import AttentionEngine
 from services.attention_cpu.servicer import AttentionServicer
@@ -41,18 +43,6 @@ def config_from_args(args: argparse.Namespace) -> AttentionConfig:
                            transport=args.transport, max_num_tokens=args.max_num_tokens)
 
 
-def _metrics(args):
-    if not args.metrics_port:
-        return None, None
-    from prometheus_client import CollectorRegistry
-
-    from moelens.metrics_server import RpcMetrics, start_metrics_server
-    from services.attention_cpu.metrics import AttentionMetrics
-    registry = CollectorRegistry()
-    start_metrics_server(args.metrics_port, registry, host=args.host)
-    return AttentionMetrics(registry), RpcMetrics(registry, "attention_cpu").observe
-
-
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     config = config_from_args(args)
@@ -62,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if config.transport == "shm":
         arena = ShmArena.create(NUM_SLOTS, align_up(shm_slot_bytes(
             config.max_num_tokens, model.q_size, model.kv_size)))
-    metrics, observe = _metrics(args)
+    metrics, observe = start_service_metrics(args.metrics_port, args.host, "attention_cpu",
+                                             AttentionMetrics)
     if metrics:
         metrics.set_kernel(engine.kernel.backend(), not engine.kernel.is_native(),
                            config.num_threads)

@@ -6,10 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from moelens.errors import Unavailable
 from moelens.grpc_server import start_server, wait_for_termination
+from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, resolve_model,
                                   write_port_file)
 from moelens.v1 import coordinator_pb2, coordinator_pb2_grpc
+from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.servicer import CoordinatorServicer
 from services.coordinator.state import CoordinatorOptions, build_state
 
@@ -37,18 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="same as --pipeline off")
 
 
-def _metrics(args):
-    if not args.metrics_port:
-        return None, None
-    from prometheus_client import CollectorRegistry
-
-    from moelens.metrics_server import RpcMetrics, start_metrics_server
-    from services.coordinator.metrics import CoordinatorMetrics
-    registry = CollectorRegistry()
-    start_metrics_server(args.metrics_port, registry, host=args.host)
-    return CoordinatorMetrics(registry), RpcMetrics(registry, "coordinator").observe
-
-
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     options = CoordinatorOptions(model_dir=resolve_model(args.model), expert_address=args.expert,
@@ -56,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
                                  profile_path=args.profile,
                                  max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                                  pipeline=args.pipeline)
-    metrics, observe = _metrics(args)
+    metrics, observe = start_service_metrics(args.metrics_port, args.host, "coordinator",
+                                             CoordinatorMetrics)
     holder: dict = {}
     handle = start_server(lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
         holder.setdefault("servicer", _LateServicer()), s), [SERVICE_NAME], args.host, args.port,
@@ -85,7 +77,6 @@ class _LateServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._target = target
 
     def _get(self):
-        from moelens.errors import Unavailable
         if self._target is None:
             raise Unavailable("coordinator is starting: compute services not ready yet")
         return self._target

@@ -8,9 +8,11 @@ import logging
 import torch
 
 from moelens.grpc_server import start_server, wait_for_termination
+from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
                                   resolve_model, write_port_file)
 from moelens.v1 import expert_pb2, expert_pb2_grpc
+from services.expert_gpu.metrics import ExpertMetrics
 from services.expert_gpu.config import TRANSPORTS, ExpertConfig, resolve_device, resolve_dtype
 from services.expert_gpu.servicer import ExpertServicer
 from services.expert_gpu.worker import ExpertWorker
@@ -44,24 +46,13 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
                         transport=args.transport, max_num_tokens=args.max_num_tokens)
 
 
-def _metrics(args):
-    if not args.metrics_port:
-        return None, None
-    from prometheus_client import CollectorRegistry
-
-    from moelens.metrics_server import RpcMetrics, start_metrics_server
-    from services.expert_gpu.metrics import ExpertMetrics
-    registry = CollectorRegistry()
-    start_metrics_server(args.metrics_port, registry, host=args.host)
-    return ExpertMetrics(registry), RpcMetrics(registry, "expert_gpu").observe
-
-
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     config = config_from_args(args)
     torch.set_num_threads(config.num_threads)
     worker = ExpertWorker(resolve_model(args.model), config)
-    metrics, observe = _metrics(args)
+    metrics, observe = start_service_metrics(args.metrics_port, args.host, "expert_gpu",
+                                             ExpertMetrics)
     servicer = ExpertServicer(worker, metrics)
     handle = start_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(
         servicer, s), [SERVICE_NAME], args.host, args.port, observe=observe)
