@@ -36,6 +36,11 @@ run: venv
 	$(VENV)/bin/moe-lens generate --model default --input examples/prompts.jsonl \
 		--output out/generations.jsonl
 
+# Peer comparison (slow: builds llama.cpp, starts vLLM; never part of `make test`).
+# `make bench-peers PEERS="hf ours"` runs a subset; results in bench/results/.
+bench-peers: venv
+	bash bench/peers/run_all.sh $(PEERS)
+
 clean:
 	rm -rf build out .pytest_cache *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
