@@ -51,7 +51,7 @@ def num_blocks_for_bytes(num_bytes: int, num_layers: int, num_kv_heads: int, blo
     return num_bytes // per_block
 
 
-def slots_for_positions(block_table: list[int], positions: list[int], block_size: int) -> list[int]:
+def slots_for_positions(block_table: list[int], positions, block_size: int) -> list[int]:
     """Slots where the tokens at `positions` of a sequence live, given its block table."""
     return [block_table[p // block_size] * block_size + p % block_size for p in positions]
 

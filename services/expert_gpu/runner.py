@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moelens.config import ModelConfig
+from moelens.kv_cache import slots_for_positions
 from moelens.model.attention import prefill_attention
 from moelens.model.forward import ForwardBatch, split_attention
 from moelens.model.sampling import SampleOutput, sample
@@ -121,14 +122,12 @@ class StepRunner:
         return groups
 
     def _group(self, index: int, seqs: list[SeqStep]) -> _Group:
-        bs = self.block_size
         ids, pos, slots, emit = [], [], [], []
         for s in seqs:
-            for i, tok in enumerate(s.token_ids):
-                p = s.start_position + i
-                ids.append(tok)
-                pos.append(p)
-                slots.append(s.block_ids[p // bs] * bs + p % bs)
+            positions = range(s.start_position, s.start_position + len(s.token_ids))
+            ids += s.token_ids
+            pos += positions
+            slots += slots_for_positions(s.block_ids, positions, self.block_size)
             if s.emit:
                 emit.append(len(ids) - 1)
         dev = self.device
