@@ -114,6 +114,7 @@ class LayerStore:
         start = time.perf_counter()
         slot.ready.acquire()
         self.weight_wait_s += time.perf_counter() - start
+        self.bytes_streamed += self.host_flat[index].numel() * self.host_flat[index].element_size()
         if slot.copy_done is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.copy_done)
         return self.layouts[index].unpack(slot.buffer)
@@ -129,7 +130,8 @@ class LayerStore:
         slot.free.release()
 
     def take_counters(self) -> tuple[float, int]:
-        """(weight wait seconds, bytes streamed) since the last call."""
+        """(weight wait seconds, bytes of streamed layers handed to compute) since the last call
+        (counted on use, not on copy: the mover runs ahead into the next step)."""
         out = (self.weight_wait_s, self.bytes_streamed)
         self.weight_wait_s, self.bytes_streamed = 0.0, 0
         return out
@@ -164,7 +166,6 @@ class LayerStore:
                     dst[i:i + step].copy_(src[i:i + step], non_blocking=True)
                 slot.copy_done = torch.cuda.Event()
                 slot.copy_done.record(stream)
-        self.bytes_streamed += src.numel() * src.element_size()
 
     def close(self) -> None:
         self._stop.set()
