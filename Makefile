@@ -29,7 +29,7 @@ system-deps:
 	bash scripts/install_system_deps.sh
 
 test: venv system-deps
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 run: venv
 	mkdir -p out
