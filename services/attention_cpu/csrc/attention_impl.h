@@ -3,11 +3,11 @@
 // `#pragma GCC target` region with ATTN_NS (namespace name) and ATTN_VEC (a vec.h struct) defined.
 // It therefore has no include guard and includes nothing itself.
 //
-// Algorithm for one work item (a query row, a KV head, a token range): the group's G query heads
-// share every K and V row. Blocks are taken in chunks of ~128 tokens; for a chunk, scores for all
-// G heads are computed block by block (each K row read once), one online-softmax update rescales
-// the running output, then V rows are accumulated (each V row read once). KV is thus streamed once,
-// in one pass, converted to fp32 in registers.
+// Algorithm for one work item (a query row, a token range, all KV heads): the G query heads of a
+// KV head share each of its K and V rows. Blocks are taken in chunks of ~128 tokens; for a chunk,
+// scores of every head are computed block by block (each K row read once, for its G heads), one
+// online-softmax update rescales the running outputs, then V rows are accumulated (each read
+// once). KV is thus streamed once, in one pass, converted to fp32 in registers.
 
 namespace ATTN_NS {
 
@@ -15,10 +15,31 @@ using V = ATTN_VEC;
 using R = typename V::R;
 constexpr int W = V::W;
 
-inline void prefetch_run(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
+// Software prefetch of the next run in stream order, spread over the current run's tiles: a burst
+// of a whole run would stall the core until it lands, serialising memory and compute; spread
+// out, the next run streams in while this one is computed on.
+struct Prefetch {
+  const char* p;
+  int64_t left;
+  int64_t per_step;
+
+  Prefetch(const void* run, int64_t bytes, int steps)
+      : p(static_cast<const char*>(run)), left(bytes),
+        per_step((bytes / (steps > 0 ? steps : 1) + 127) / 64 * 64) {}
+  void step() {
+    const int64_t n = left < per_step ? left : per_step;
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 3);
+    p += n;
+    left -= n;
+  }
+  void finish() {
+    per_step = left;
+    step();
+  }
+};
+
+// Tokens per score tile for nh heads: 8 accumulators where possible (one hsum8 tree).
+constexpr int token_tile(int nh) { return nh == 1 ? 8 : nh == 2 ? 4 : 2; }
 
 // s[h, t] = q_h . k_t for NH heads x NT tokens: a K chunk is loaded once for all NH heads and a q
 // chunk (L1-resident) once for all NT tokens; NH * NT accumulators stay in registers.
@@ -46,33 +67,46 @@ inline void qk_tile(const float* q, int dp, const typename Tag::type* k, int dim
       for (int t = 0; t < NT; ++t) acc[h][t] = V::fma(qv, kv[t], acc[h][t]);
     }
   }
-  for (int h = 0; h < NH; ++h)
-    for (int t = 0; t < NT; ++t) s[h * ss + t] = V::hsum(acc[h][t]);
+  if constexpr (NH * NT == 8) {
+    float sums[8];
+    V::hsum8(&acc[0][0], sums);
+    for (int h = 0; h < NH; ++h)
+      for (int t = 0; t < NT; ++t) s[h * ss + t] = sums[h * NT + t];
+  } else {
+    for (int h = 0; h < NH; ++h)
+      for (int t = 0; t < NT; ++t) s[h * ss + t] = V::hsum(acc[h][t]);
+  }
 }
 
 template <class Tag, int NH>
 inline void qk_heads(const float* q, int dp, const typename Tag::type* k, int n, int dim,
-                     float* s, int ss) {
-  constexpr int NT = NH <= 2 ? 4 : 2;
+                     float* s, int ss, Prefetch* pf) {
+  constexpr int NT = token_tile(NH);
   int t = 0;
-  for (; t + NT <= n; t += NT) qk_tile<Tag, NH, NT>(q, dp, k + int64_t(t) * dim, dim, s + t, ss);
+  for (; t + NT <= n; t += NT) {
+    if (pf) pf->step();
+    qk_tile<Tag, NH, NT>(q, dp, k + int64_t(t) * dim, dim, s + t, ss);
+  }
   for (; t < n; ++t) qk_tile<Tag, NH, 1>(q, dp, k + int64_t(t) * dim, dim, s + t, ss);
 }
 
-// Scores of `group` heads against the n rows of one (block, kv head) run.
+// Scores of `group` heads against the n rows of one (block, kv head) run, prefetching `next`.
 template <class Tag>
 void qk_block(const float* q, int group, int dp, const typename Tag::type* k, int n, int dim,
-              float* s, int ss) {
+              float* s, int ss, const void* next, int64_t next_bytes) {
+  Prefetch pf(next, next_bytes, n / token_tile(group < 4 ? group : 4));
   for (int h = 0; h < group; h += 4) {
     const float* qh = q + h * dp;
     float* sh = s + h * ss;
+    Prefetch* p = h == 0 ? &pf : nullptr;
     switch (group - h) {
-      case 1: qk_heads<Tag, 1>(qh, dp, k, n, dim, sh, ss); break;
-      case 2: qk_heads<Tag, 2>(qh, dp, k, n, dim, sh, ss); break;
-      case 3: qk_heads<Tag, 3>(qh, dp, k, n, dim, sh, ss); break;
-      default: qk_heads<Tag, 4>(qh, dp, k, n, dim, sh, ss); break;
+      case 1: qk_heads<Tag, 1>(qh, dp, k, n, dim, sh, ss, p); break;
+      case 2: qk_heads<Tag, 2>(qh, dp, k, n, dim, sh, ss, p); break;
+      case 3: qk_heads<Tag, 3>(qh, dp, k, n, dim, sh, ss, p); break;
+      default: qk_heads<Tag, 4>(qh, dp, k, n, dim, sh, ss, p); break;
     }
   }
+  pf.finish();
 }
 
 // acc[h, d0 : d0 + CT*W] += sum_t p[h, t] * v[t, same columns]. The accumulators live in registers
@@ -99,44 +133,55 @@ inline void av_tile(const float* p, int ss, const typename Tag::type* v, int n, 
 
 template <class Tag, int NH>
 inline void av_heads(const float* p, int ss, const typename Tag::type* v, int n, int dim,
-                     float* acc, int dp) {
+                     float* acc, int dp, Prefetch* pf) {
   int d0 = 0;
-  for (; d0 + 2 * W <= dim; d0 += 2 * W) av_tile<Tag, NH, 2, false>(p, ss, v, n, dim, acc, dp, d0, W);
+  for (; d0 + 2 * W <= dim; d0 += 2 * W) {
+    if (pf) pf->step();
+    av_tile<Tag, NH, 2, false>(p, ss, v, n, dim, acc, dp, d0, W);
+  }
   for (; d0 + W <= dim; d0 += W) av_tile<Tag, NH, 1, false>(p, ss, v, n, dim, acc, dp, d0, W);
   if (d0 < dim) av_tile<Tag, NH, 1, true>(p, ss, v, n, dim, acc, dp, d0, dim - d0);
 }
 
 template <class Tag>
 void av_block(const float* p, int group, int ss, const typename Tag::type* v, int n, int dim,
-              float* acc, int dp) {
+              float* acc, int dp, const void* next, int64_t next_bytes) {
+  Prefetch pf(next, next_bytes, dim / (2 * W));
   for (int h = 0; h < group; h += 4) {
     const float* ph = p + h * ss;
     float* ah = acc + h * dp;
+    Prefetch* f = h == 0 ? &pf : nullptr;
     switch (group - h) {
-      case 1: av_heads<Tag, 1>(ph, ss, v, n, dim, ah, dp); break;
-      case 2: av_heads<Tag, 2>(ph, ss, v, n, dim, ah, dp); break;
-      case 3: av_heads<Tag, 3>(ph, ss, v, n, dim, ah, dp); break;
-      default: av_heads<Tag, 4>(ph, ss, v, n, dim, ah, dp); break;
+      case 1: av_heads<Tag, 1>(ph, ss, v, n, dim, ah, dp, f); break;
+      case 2: av_heads<Tag, 2>(ph, ss, v, n, dim, ah, dp, f); break;
+      case 3: av_heads<Tag, 3>(ph, ss, v, n, dim, ah, dp, f); break;
+      default: av_heads<Tag, 4>(ph, ss, v, n, dim, ah, dp, f); break;
     }
   }
+  pf.finish();
 }
 
 // Online softmax over one chunk of n scores per head: turns scores into exp(s - m_new) in place,
-// folds them into the running sum and rescales the running output when the max moved.
-inline void softmax_update(Scratch& sc, int group, int n) {
-  const int ss = sc.s_stride, dp = sc.dp;
-  for (int h = 0; h < group; ++h) {
+// folds them into the running sum and rescales the running output when the max moved. The row
+// is padded to whole vectors with -inf, whose exp is 0, so every loop runs on full vectors.
+inline void softmax_update(Scratch& sc, int num_heads, int n) {
+  const int ss = sc.s_stride, dp = sc.dp, padded = (n + W - 1) / W * W;
+  for (int h = 0; h < num_heads; ++h) {
     float* s = sc.s.data() + h * ss;
-    float mx = s[0];
-    for (int t = 1; t < n; ++t) mx = s[t] > mx ? s[t] : mx;
-    const float m_old = sc.m[h];
-    const float m_new = mx > m_old ? mx : m_old;
+    for (int t = n; t < padded; ++t) s[t] = -INFINITY;
+    R mx = V::template load<F32>(s);
+    for (int t = W; t < padded; t += W) mx = V::max(mx, V::template load<F32>(s + t));
+    const float m_old = sc.m[h], m_chunk = V::hmax(mx);
+    const float m_new = m_chunk > m_old ? m_chunk : m_old;
     const R mv = V::set1(m_new);
-    for (int t = 0; t < n; t += W) V::store(s + t, V::exp(V::sub(V::template load<F32>(s + t), mv)));
-    float sum = 0.f;
-    for (int t = 0; t < n; ++t) sum += s[t];
+    R sum = V::zero();
+    for (int t = 0; t < padded; t += W) {
+      const R p = V::exp(V::sub(V::template load<F32>(s + t), mv));
+      V::store(s + t, p);
+      sum = V::add(sum, p);
+    }
     const float alpha = std::exp(m_old - m_new);
-    sc.l[h] = sc.l[h] * alpha + sum;
+    sc.l[h] = sc.l[h] * alpha + V::hsum(sum);
     if (alpha != 1.f) {
       const R av = V::set1(alpha);
       float* a = sc.acc.data() + h * dp;
@@ -147,12 +192,12 @@ inline void softmax_update(Scratch& sc, int group, int n) {
 }
 
 inline void start_item(const AttnArgs& a, const WorkItem& w, Scratch& sc) {
-  const int G = a.group, D = a.head_dim;
-  const float* q = a.q + (int64_t(w.row) * a.num_kv_heads + w.kv_head) * G * D;  // [G, D]
-  for (int h = 0; h < G; ++h)
+  const int H = a.num_kv_heads * a.group, D = a.head_dim;
+  const float* q = a.q + int64_t(w.row) * H * D;  // [Hq, D]
+  for (int h = 0; h < H; ++h)
     for (int d = 0; d < D; ++d) sc.q[h * sc.dp + d] = q[h * D + d] * a.scale;
   for (float& x : sc.acc) x = 0.f;
-  for (int h = 0; h < G; ++h) {
+  for (int h = 0; h < H; ++h) {
     sc.m[h] = -INFINITY;
     sc.l[h] = 0.f;
   }
@@ -160,54 +205,86 @@ inline void start_item(const AttnArgs& a, const WorkItem& w, Scratch& sc) {
 
 inline void finish_item(const AttnArgs& a, const WorkItem& w, const Scratch& sc, float* out,
                         float* partials) {
-  const int G = a.group, D = a.head_dim;
+  const int H = a.num_kv_heads * a.group, D = a.head_dim;
   if (w.part < 0) {
-    float* o = out + (int64_t(w.row) * a.num_kv_heads + w.kv_head) * G * D;  // [G, D]
-    for (int h = 0; h < G; ++h) {
+    float* o = out + int64_t(w.row) * H * D;  // [Hq, D]
+    for (int h = 0; h < H; ++h) {
       const float inv = 1.f / sc.l[h];
       for (int d = 0; d < D; ++d) o[h * D + d] = sc.acc[h * sc.dp + d] * inv;
     }
     return;
   }
-  float* p = partials + w.part * partial_floats(G, D);
-  for (int h = 0; h < G; ++h) {
+  float* p = partials + w.part * partial_floats(H, D);
+  for (int h = 0; h < H; ++h) {
     p[h] = sc.m[h];
-    p[G + h] = sc.l[h];
-    for (int d = 0; d < D; ++d) p[2 * G + h * D + d] = sc.acc[h * sc.dp + d];
+    p[H + h] = sc.l[h];
+    for (int d = 0; d < D; ++d) p[2 * H + h * D + d] = sc.acc[h * sc.dp + d];
   }
 }
 
+// The order in which one work item streams its blocks: for each chunk of blocks, their K, then
+// their V. `ahead` names the block `dist` steps further along, for prefetching.
+struct StreamOrder {
+  int first, last, per_chunk;
+
+  struct Pos {
+    bool is_v;
+    int block;  // -1: past the end
+  };
+  Pos ahead(bool is_v, int b, int dist) const {
+    int cb = first + (b - first) / per_chunk * per_chunk;
+    int len = cb + per_chunk < last ? per_chunk : last - cb;
+    int idx = (is_v ? len : 0) + (b - cb) + dist;
+    while (idx >= 2 * len) {
+      idx -= 2 * len;
+      cb += len;
+      if (cb >= last) return {false, -1};
+      len = cb + per_chunk < last ? per_chunk : last - cb;
+    }
+    return {idx >= len, cb + idx % len};
+  }
+};
+
+// One work item: all KV heads of one row over tokens [t0, t1). Blocks are visited in order and,
+// within a block, heads in order, so each block's [Hkv, B, D] K (then V) is read as one
+// contiguous stretch; runs kPrefetchBlocks ahead in stream order are prefetched meanwhile.
 template <class Tag>
 void run_item(const AttnArgs& a, const WorkItem& w, Scratch& sc, float* out, float* partials) {
   using T = typename Tag::type;
-  const int G = a.group, D = a.head_dim, B = a.block_size;
-  const int64_t run = int64_t(B) * D;                // one (block, kv head): [B, D]
-  const int64_t block_stride = a.num_kv_heads * run;  // one block: [Hkv, B, D]
+  constexpr int kPrefetchBlocks = 1;  // further ahead measured no better here
+  const int G = a.group, D = a.head_dim, B = a.block_size, Hkv = a.num_kv_heads;
+  const int64_t run = int64_t(B) * D;  // one (block, kv head): [B, D]
   const int32_t* table = a.block_tables + w.row * a.table_stride;
-  const T* k_base = static_cast<const T*>(a.k_pool) + w.kv_head * run;
-  const T* v_base = static_cast<const T*>(a.v_pool) + w.kv_head * run;
-  auto k_run = [&](int b) { return k_base + table[b] * block_stride; };
-  auto v_run = [&](int b) { return v_base + table[b] * block_stride; };
+  const T* k_pool = static_cast<const T*>(a.k_pool);
+  const T* v_pool = static_cast<const T*>(a.v_pool);
+  auto at = [&](const T* pool, int b, int h) { return pool + (table[b] * int64_t(Hkv) + h) * run; };
   auto tokens_in = [&](int b) { return (w.t1 - b * B) < B ? (w.t1 - b * B) : B; };
-  auto bytes_of = [&](int b) { return int64_t(tokens_in(b)) * D * int64_t(sizeof(T)); };
+  const int ss = sc.s_stride, dp = sc.dp;
+  const int first = w.t0 / B, last = (w.t1 + B - 1) / B;
+  const StreamOrder order{first, last, sc.blocks_per_chunk};
+  auto next_run = [&](bool is_v, int b, int h) -> const T* {
+    const StreamOrder::Pos p = order.ahead(is_v, b, kPrefetchBlocks);
+    return p.block < 0 ? nullptr : at(p.is_v ? v_pool : k_pool, p.block, h);
+  };
+  auto next_bytes = [&](bool is_v, int b) -> int64_t {
+    const StreamOrder::Pos p = order.ahead(is_v, b, kPrefetchBlocks);
+    return p.block < 0 ? 0 : int64_t(tokens_in(p.block)) * D * int64_t(sizeof(T));
+  };
 
   start_item(a, w, sc);
-  const int first = w.t0 / B, last = (w.t1 + B - 1) / B;
   for (int cb = first; cb < last; cb += sc.blocks_per_chunk) {
     const int ce = cb + sc.blocks_per_chunk < last ? cb + sc.blocks_per_chunk : last;
-    for (int b = cb; b < ce; ++b) {  // stream order: K of the chunk, then its V, then next chunk
-      if (b + 1 < ce) prefetch_run(k_run(b + 1), bytes_of(b + 1));
-      else prefetch_run(v_run(cb), bytes_of(cb));
-      qk_block<Tag>(sc.q.data(), G, sc.dp, k_run(b), tokens_in(b), D,
-                    sc.s.data() + (b - cb) * B, sc.s_stride);
-    }
-    softmax_update(sc, G, (ce - cb - 1) * B + tokens_in(ce - 1));
-    for (int b = cb; b < ce; ++b) {
-      if (b + 1 < ce) prefetch_run(v_run(b + 1), bytes_of(b + 1));
-      else if (ce < last) prefetch_run(k_run(ce), bytes_of(ce));
-      av_block<Tag>(sc.s.data() + (b - cb) * B, G, sc.s_stride, v_run(b), tokens_in(b), D,
-                    sc.acc.data(), sc.dp);
-    }
+    for (int b = cb; b < ce; ++b)
+      for (int h = 0; h < Hkv; ++h)
+        qk_block<Tag>(sc.q.data() + h * G * dp, G, dp, at(k_pool, b, h), tokens_in(b), D,
+                      sc.s.data() + h * G * ss + (b - cb) * B, ss, next_run(false, b, h),
+                      next_bytes(false, b));
+    softmax_update(sc, Hkv * G, (ce - cb - 1) * B + tokens_in(ce - 1));
+    for (int b = cb; b < ce; ++b)
+      for (int h = 0; h < Hkv; ++h)
+        av_block<Tag>(sc.s.data() + h * G * ss + (b - cb) * B, G, ss, at(v_pool, b, h),
+                      tokens_in(b), D, sc.acc.data() + h * G * dp, dp, next_run(true, b, h),
+                      next_bytes(true, b));
   }
   finish_item(a, w, sc, out, partials);
 }

@@ -23,21 +23,19 @@ struct AttnArgs {
   KvDtype dtype;
 };
 
-// One unit of parallel work: query row `row`, KV head `kv_head`, cached tokens [t0, t1) with t0 a
+// One unit of parallel work: query row `row` (all its heads), cached tokens [t0, t1) with t0 a
 // multiple of the block size. part < 0: the item covers the whole context and writes the output
 // directly; otherwise it writes (m, l, acc) into partial slot `part`, combined afterwards.
 struct WorkItem {
   int32_t row;
-  int32_t kv_head;
   int32_t t0;
   int32_t t1;
   int32_t part;
 };
 
-// A (row, kv head) whose context was split over parts [first_part, first_part + num_parts).
-struct SplitPair {
+// A row whose context was split over parts [first_part, first_part + num_parts).
+struct SplitRow {
   int32_t row;
-  int32_t kv_head;
   int32_t first_part;
   int32_t num_parts;
 };
@@ -48,30 +46,30 @@ struct Scratch {
   int dp;                // padded head_dim
   int s_stride;          // padded tokens per chunk
   int blocks_per_chunk;  // blocks whose scores are computed before one softmax update
-  std::vector<float> q;    // [G, dp] query rows times scale
-  std::vector<float> acc;  // [G, dp] unnormalised output
-  std::vector<float> m;    // [G] running max
-  std::vector<float> l;    // [G] running sum of exp
-  std::vector<float> s;    // [G, s_stride] scores, then probabilities
+  std::vector<float> q;    // [Hq, dp] query rows times scale
+  std::vector<float> acc;  // [Hq, dp] unnormalised output
+  std::vector<float> m;    // [Hq] running max
+  std::vector<float> l;    // [Hq] running sum of exp
+  std::vector<float> s;    // [Hq, s_stride] scores, then probabilities
 
-  Scratch(int group, int head_dim, int block_size) {
+  Scratch(int num_heads, int head_dim, int block_size) {
     constexpr int kMaxLanes = 16;
     constexpr int kChunkTokens = 128;  // amortises the softmax rescale for small blocks
     dp = (head_dim + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
     blocks_per_chunk = kChunkTokens / block_size > 1 ? kChunkTokens / block_size : 1;
     int chunk = blocks_per_chunk * block_size;
     s_stride = (chunk + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
-    q.assign(size_t(group) * dp, 0.f);
-    acc.assign(size_t(group) * dp, 0.f);
-    m.assign(group, 0.f);
-    l.assign(group, 0.f);
-    s.assign(size_t(group) * s_stride, 0.f);
+    q.assign(size_t(num_heads) * dp, 0.f);
+    acc.assign(size_t(num_heads) * dp, 0.f);
+    m.assign(num_heads, 0.f);
+    l.assign(num_heads, 0.f);
+    s.assign(size_t(num_heads) * s_stride, 0.f);
   }
 };
 
-// Floats one partial result occupies: m[G], l[G], acc[G, D].
-inline int64_t partial_floats(int group, int head_dim) {
-  return int64_t(group) * (head_dim + 2);
+// Floats one partial result occupies: m[Hq], l[Hq], acc[Hq, D].
+inline int64_t partial_floats(int num_heads, int head_dim) {
+  return int64_t(num_heads) * (head_dim + 2);
 }
 
 }  // namespace moelens

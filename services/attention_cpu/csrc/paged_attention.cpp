@@ -4,8 +4,8 @@
 // is one contiguous [B, D] run. The kernel body (attention_impl.h) is compiled three times:
 // scalar, AVX2+FMA+F16C and AVX-512, each under its own target pragma; the caller picks the ISA
 // at run time (kernel.py asks `supported_isas`), so the file is built without -march flags.
-// Work is split into (row, kv head, token range) items scheduled dynamically over OpenMP threads;
-// long contexts are split so that a batch of one still keeps every thread busy.
+// Work is split into (row, token range) items scheduled dynamically over OpenMP threads; long
+// contexts are split so that a batch of one still keeps every thread busy.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -134,30 +134,27 @@ void check_attention_inputs(const torch::Tensor& q, const torch::Tensor& k_pool,
 }
 
 // Items of at most `split` tokens (a multiple of the block size), largest first so the dynamic
-// schedule ends balanced. `split` is sized for ~4 items per thread, but never below 256 tokens, so
-// a large batch is not split at all and a single long sequence is.
-std::vector<WorkItem> plan_items(const int32_t* lens, int64_t rows, int num_kv_heads,
-                                 int block_size, int num_threads,
-                                 std::vector<SplitPair>& splits, int64_t& num_parts) {
+// schedule ends balanced. `split` is sized for ~4 items per thread but never below 128 tokens, so
+// a large batch is not split at all while a single long sequence is spread over every thread.
+std::vector<WorkItem> plan_items(const int32_t* lens, int64_t rows, int block_size,
+                                 int num_threads, std::vector<SplitRow>& splits,
+                                 int64_t& num_parts) {
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) total += lens[r];
-  total *= num_kv_heads;
-  const int64_t target = std::max<int64_t>(256, (total + 4 * num_threads - 1) / (4 * num_threads));
+  const int64_t target = std::max<int64_t>(128, (total + 4 * num_threads - 1) / (4 * num_threads));
   const int64_t split = (target + block_size - 1) / block_size * block_size;
   std::vector<WorkItem> items;
   num_parts = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int h = 0; h < num_kv_heads; ++h) {
-      if (lens[r] <= split) {
-        items.push_back({int32_t(r), h, 0, lens[r], -1});
-        continue;
-      }
-      const int32_t first = int32_t(num_parts);
-      for (int64_t t0 = 0; t0 < lens[r]; t0 += split)
-        items.push_back({int32_t(r), h, int32_t(t0),
-                         int32_t(std::min<int64_t>(t0 + split, lens[r])), int32_t(num_parts++)});
-      splits.push_back({int32_t(r), h, first, int32_t(num_parts - first)});
+    if (lens[r] <= split) {
+      items.push_back({int32_t(r), 0, lens[r], -1});
+      continue;
     }
+    const int32_t first = int32_t(num_parts);
+    for (int64_t t0 = 0; t0 < lens[r]; t0 += split)
+      items.push_back({int32_t(r), int32_t(t0), int32_t(std::min<int64_t>(t0 + split, lens[r])),
+                       int32_t(num_parts++)});
+    splits.push_back({int32_t(r), first, int32_t(num_parts - first)});
   }
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& x, const WorkItem& y) {
     return x.t1 - x.t0 > y.t1 - y.t0;
@@ -165,12 +162,11 @@ std::vector<WorkItem> plan_items(const int32_t* lens, int64_t rows, int num_kv_h
   return items;
 }
 
-// Merges the parts of one split (row, kv head): out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
-void combine_parts(const SplitPair& sp, const float* partials, int G, int D, int num_kv_heads,
-                   float* out) {
-  const int64_t stride = partial_floats(G, D);
-  float* o = out + (int64_t(sp.row) * num_kv_heads + sp.kv_head) * G * D;  // [G, D]
-  for (int h = 0; h < G; ++h) {
+// Merges the parts of one split row: out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
+void combine_parts(const SplitRow& sp, const float* partials, int H, int D, float* out) {
+  const int64_t stride = partial_floats(H, D);
+  float* o = out + int64_t(sp.row) * H * D;  // [Hq, D]
+  for (int h = 0; h < H; ++h) {
     float m = -INFINITY;
     for (int p = 0; p < sp.num_parts; ++p) m = std::max(m, partials[(sp.first_part + p) * stride + h]);
     float l = 0.f;
@@ -178,8 +174,8 @@ void combine_parts(const SplitPair& sp, const float* partials, int G, int D, int
     for (int p = 0; p < sp.num_parts; ++p) {
       const float* part = partials + (sp.first_part + p) * stride;
       const float e = std::exp(part[h] - m);
-      l += e * part[G + h];
-      for (int d = 0; d < D; ++d) o[h * D + d] += e * part[2 * G + h * D + d];
+      l += e * part[H + h];
+      for (int d = 0; d < D; ++d) o[h * D + d] += e * part[2 * H + h * D + d];
     }
     for (int d = 0; d < D; ++d) o[h * D + d] /= l;
   }
@@ -214,24 +210,24 @@ torch::Tensor paged_attention(const torch::Tensor& q_in, const torch::Tensor& k_
              float(scale), kv_dtype(k_pool)};
   torch::Tensor out = torch::empty_like(q);
   const int threads = resolve_threads(num_threads);
-  std::vector<SplitPair> splits;
+  const int num_heads = int(q.size(1));
+  std::vector<SplitRow> splits;
   int64_t num_parts = 0;
   const std::vector<WorkItem> items = plan_items(context_lens.data_ptr<int32_t>(), q.size(0),
-                                                 a.num_kv_heads, a.block_size, threads, splits,
-                                                 num_parts);
-  std::vector<float> partials(size_t(num_parts * partial_floats(a.group, a.head_dim)));
+                                                 a.block_size, threads, splits, num_parts);
+  std::vector<float> partials(size_t(num_parts * partial_floats(num_heads, a.head_dim)));
   float* o = out.data_ptr<float>();
   const ItemFn run = item_fn(isa);
   {
     pybind11::gil_scoped_release no_gil;
 #pragma omp parallel num_threads(threads)
     {
-      Scratch sc(a.group, a.head_dim, a.block_size);
+      Scratch sc(num_heads, a.head_dim, a.block_size);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < int64_t(items.size()); ++i) run(a, items[i], sc, o, partials.data());
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < int64_t(splits.size()); ++i)
-        combine_parts(splits[i], partials.data(), a.group, a.head_dim, a.num_kv_heads, o);
+        combine_parts(splits[i], partials.data(), num_heads, a.head_dim, o);
     }
   }
   return out;

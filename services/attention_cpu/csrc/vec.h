@@ -60,7 +60,12 @@ struct VecScalar {
   static R mul(R a, R b) { return a * b; }
   static R add(R a, R b) { return a + b; }
   static R sub(R a, R b) { return a - b; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static float hmax(R x) { return x; }
   static float hsum(R x) { return x; }
+  static void hsum8(const R* x, float* out) {
+    for (int i = 0; i < 8; ++i) out[i] = x[i];
+  }
   static R exp(R x) { return std::exp(x); }
 };
 
@@ -99,11 +104,26 @@ struct VecAvx2 {
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float hmax(R x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
   static float hsum(R x) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  // out[i] = hsum(x[i]) for 8 registers with a horizontal-add tree: ~9 ops instead of ~40.
+  static void hsum8(const R* x, float* out) {
+    const R a = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+    const R b = _mm256_hadd_ps(_mm256_hadd_ps(x[4], x[5]), _mm256_hadd_ps(x[6], x[7]));
+    // a = [0123 | 0123] partial sums of x0..x3 (low/high 128-bit lanes), b likewise for x4..x7
+    const R lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
   }
   // Cephes-style expf: x = n ln2 + r, degree-5 polynomial for e^r, 2^n through the exponent
   // bits. ~2 ulp; inputs below -87 give ~0, so masked (-inf) scores vanish.
@@ -159,7 +179,16 @@ struct VecAvx512 {
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static float hmax(R x) { return _mm512_reduce_max_ps(x); }
   static float hsum(R x) { return _mm512_reduce_add_ps(x); }
+  // Folds each register to 256 bits, then the AVX2 tree.
+  static void hsum8(const R* x, float* out) {
+    __m256 h[8];
+    for (int i = 0; i < 8; ++i)
+      h[i] = _mm256_add_ps(_mm512_castps512_ps256(x[i]), _mm512_extractf32x8_ps(x[i], 1));
+    VecAvx2::hsum8(h, out);
+  }
   static R exp(R x) {  // same polynomial as VecAvx2::exp
     x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.3f)), set1(88.3f));
     R fx = _mm512_roundscale_ps(mul(x, set1(1.44269504088896341f)),
