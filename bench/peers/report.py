@@ -46,7 +46,8 @@ def markdown(table: dict[str, dict[int, float]], note: str) -> str:
                     default=None)
     if OURS in table and best_peer:
         ours = max(table[OURS].values())
-        lines += ["", f"Ours at its best / best peer at its best: {ours / best_peer:.2f}x "
+        lines += ["", f"Ours at its best / best peer measured in this table at its best: "
+                      f"{ours / best_peer:.2f}x "
                       f"({ours:.1f} vs {best_peer:.1f} out tok/s)."]
     return "\n".join(lines) + "\n"
 
