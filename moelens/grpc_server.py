@@ -120,9 +120,13 @@ class ServerHandle:
 def start_server(register: Callable[[grpc.Server], None], service_names: Iterable[str],
                  host: str, port: int, *, max_workers: int = 32,
                  observe: RpcObserver | None = None) -> ServerHandle:
-    """Start a server with health (NOT_SERVING until told) and reflection; port 0 picks one."""
+    """Start a server with health (NOT_SERVING until told) and reflection; port 0 picks one.
+
+    A streaming RPC holds a worker thread for its whole life, so `max_workers` bounds the
+    concurrent calls; beyond it gRPC answers RESOURCE_EXHAUSTED itself."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[StatusInterceptor(observe)], options=CHANNEL_OPTIONS)
+                         interceptors=[StatusInterceptor(observe)], options=CHANNEL_OPTIONS,
+                         maximum_concurrent_rpcs=max_workers)
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

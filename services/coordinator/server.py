@@ -17,6 +17,7 @@ from services.coordinator.servicer import CoordinatorServicer
 from services.coordinator.state import CoordinatorOptions, build_state
 
 log = logging.getLogger("moelens.coordinator")
+MAX_WAITING_THREADS = 2048
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
@@ -50,9 +51,12 @@ def run(args: argparse.Namespace) -> int:
     metrics, observe = start_service_metrics(args.metrics_port, args.host, "coordinator",
                                              CoordinatorMetrics)
     holder: dict = {}
+    # every live Generate stream holds a handler thread: room for all running and waiting
+    # requests (the scheduler's bounds) plus control calls
+    workers = args.max_num_seqs + min(args.max_waiting, MAX_WAITING_THREADS) + 16
     handle = start_server(lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
         holder.setdefault("servicer", _LateServicer()), s), [SERVICE_NAME], args.host, args.port,
-        observe=observe)
+        max_workers=workers, observe=observe)
     write_port_file(args.port_file, handle.port)
     state = build_state(options, metrics)
     holder["servicer"].bind(CoordinatorServicer(state))
