@@ -92,6 +92,9 @@ def _load_or_build(sanitize: bool) -> ModuleType:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
         if library.exists():  # another process built it while we waited
             return _import_library(name, library)
+        for stale in root.glob(f"{key}.*"):  # left by a builder that was killed
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         build_dir = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root))
         try:
             module = cpp_extension.load(
