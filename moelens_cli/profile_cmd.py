@@ -1,8 +1,11 @@
 """`moe-lens profile`: measure this machine's HardwareProfile for a model and save it as JSON.
 
-Measures locally with torch (moelens.profiler): the GEMM line of one layer of the model's shapes,
-host memory and host→device copy bandwidth, the attention service's decode kernel (native when it
-builds, else the torch reference), and an in-process activation copy.
+With `--expert ADDR --attention ADDR` it asks the running services for what they measured at
+warmup (the GEMM line on the real layer and device, host->device bandwidth, the real exchange
+stream, the attention kernel's KV and host read bandwidth) — the profile the coordinator uses.
+Otherwise it measures locally with torch (moelens.profiler): the GEMM line of one layer of the
+model's shapes, host memory and host→device copy bandwidth, the attention service's decode kernel
+(native when it builds, else the torch reference), and an in-process activation copy.
 """
 
 from __future__ import annotations
@@ -30,6 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=1,
                         help="threads for the GEMMs and the attention kernel (match the "
                              "services' --num-threads; default 1, as they)")
+    parser.add_argument("--expert", default=None, help="running expert service host:port")
+    parser.add_argument("--attention", default=None, help="running attention service host:port")
+
+
+def _profile_from_running(cfg, expert: str, attention: str):
+    import grpc
+
+    from moelens.v1 import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
+    from services.coordinator.lens import profile_from_services
+    with grpc.insecure_channel(expert) as e, grpc.insecure_channel(attention) as a:
+        e_info = expert_pb2_grpc.ExpertServiceStub(e).Info(expert_pb2.ExpertInfoRequest(),
+                                                           timeout=30)
+        a_info = attention_pb2_grpc.AttentionServiceStub(a).Info(
+            attention_pb2.AttentionInfoRequest(), timeout=30)
+    if not e_info.is_ready:
+        raise ValueError(f"the expert service at {expert} has not finished its warmup")
+    return profile_from_services(cfg, e_info, a_info)
 
 
 def _attention_kernel():
@@ -49,10 +69,18 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (args.expert is None) != (args.attention is None):
+        print("moe-lens profile: error: give both --expert and --attention, or neither",
+              file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.model)
-        profile = profile_local(cfg, quick=args.quick, device=device, dtype=DTYPES[args.dtype],
-                                attention_kernel=_attention_kernel())
+        if args.expert:
+            profile = _profile_from_running(cfg, args.expert, args.attention)
+        else:
+            profile = profile_local(cfg, quick=args.quick, device=device,
+                                    dtype=DTYPES[args.dtype],
+                                    attention_kernel=_attention_kernel())
     except (ValueError, FileNotFoundError) as err:
         print(f"moe-lens profile: error: {err}", file=sys.stderr)
         return 2

@@ -161,3 +161,14 @@ def test_dead_expert_fails_requests_loudly_and_shm_is_removed(tiny_checkpoints):
 
 def _segments(pid: int) -> list[str]:
     return [p.name for p in Path("/dev/shm").glob(f"moelens-{pid}-*")]
+
+
+def test_profile_from_running_services(services, tiny_checkpoints, tmp_path):
+    from moelens.profile import load_profile
+    from moelens_cli.main import main
+    out = tmp_path / "p.json"
+    rc = main(["profile", "--model", str(tiny_checkpoints["mixtral"]), "--out", str(out),
+               "--expert", services.expert_address, "--attention", services.attention_address])
+    profile = load_profile(out)
+    assert rc == 0 and profile.gemm_slope_s_per_token > 0 and profile.exchange_fixed_s > 0
+    assert profile.attention_kv_bytes_per_s > 0 and profile.host_memory_bandwidth_bytes_per_s > 0
