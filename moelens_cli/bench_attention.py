@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small grid (about a minute)")
     parser.add_argument("--threads", type=int, default=2, help="threads for kernel and torch")
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--contexts", help="comma list of context lengths (overrides the grid)")
+    parser.add_argument("--batches", help="comma list of batch sizes (overrides the grid)")
+    parser.add_argument("--gqa", help="comma list of GQA group sizes (overrides the grid)")
     parser.add_argument("--kv-dtypes", default="float32,float16",
                         help=f"comma list of {', '.join(DTYPES)}")
     parser.add_argument("--max-kv-gib", type=float, default=1.0,
@@ -122,8 +125,21 @@ def _time_torch(case: Case) -> float:
     return best
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{flag}: values must be >= 1, got {text!r}")
+    return values
+
+
 def _cases(args: argparse.Namespace) -> list[Case]:
     contexts, batches, groups = QUICK_GRID if args.quick else FULL_GRID
+    contexts = _int_list(args.contexts, "--contexts") if args.contexts else contexts
+    batches = _int_list(args.batches, "--batches") if args.batches else batches
+    groups = _int_list(args.gqa, "--gqa") if args.gqa else groups
     cases = []
     for name in args.kv_dtypes.split(","):
         if name not in DTYPES:
