@@ -10,7 +10,10 @@ Equations (paper arXiv 2504.09345, docs/performance-model.md):
     Eq. 2  n ≥ (C_GPU / B_IO) · (N_e / N_k)        tokens per iteration that hide the weight stream
     Eq. 3  PME = (p + g) / Σ_{j=0..g} (p + j) ≈ 2(p + g) / ((2p + g) · g)
     Eq. 4  T_max = min(PME · M / δ, T_GPU),  turning point M* = n_real / PME
-Stage 2 (finite jobs) is in perf_model_stage2.py; iteration pricing in perf_model_iteration.py.
+Stage 2 (finite jobs) is in perf_model_stage2.py (constant-rate admission, the paper's form) and
+perf_model_scheduled.py (a replay of the coordinator's scheduler, perf_model_schedule.py);
+iteration pricing in perf_model_iteration.py. `moe-lens bench validate` compares the replay
+with the running system.
 """
 
 from __future__ import annotations
@@ -23,17 +26,24 @@ from moelens.profile import HardwareProfile
 from services.coordinator.perf_model_iteration import (BOTTLENECKS, IterationCost, Placement,
                                                        classify_bottleneck, gemm_line,
                                                        iteration_cost, place_weights)
+from services.coordinator.perf_model_scheduled import stage2_scheduled
 from services.coordinator.perf_model_stage2 import Stage2Prediction, stage2_predict
-from services.coordinator.perf_model_types import Deployment, ModelSpec, Workload, dtype_bytes
+from services.coordinator.perf_model_types import (Deployment, ModelSpec, StepOverheads, Workload,
+                                                   dtype_bytes)
 
 __all__ = ["BOTTLENECKS", "Deployment", "HardwareProfile", "IterationCost", "ModelSpec",
-           "Placement", "Prediction", "Stage1Bound", "Stage2Prediction", "TokenBudget",
-           "Workload", "budget_breakdown", "dtype_bytes", "eq2_token_threshold",
+           "Placement", "Prediction", "Stage1Bound", "Stage2Prediction", "StepOverheads",
+           "TokenBudget", "Workload", "budget_breakdown", "dtype_bytes", "eq2_token_threshold",
            "iteration_cost", "pme", "pme_exact", "place_weights", "predict", "stage1_bound",
-           "stage2_predict", "token_budget", "with_kv_bytes", "workload_pme"]
+           "stage2_predict", "stage2_scheduled", "token_budget", "with_kv_bytes",
+           "workload_pme"]
 
 INTERCEPT_FRACTION = 0.05
-"""With no weight stream to hide, the budget is where the GEMM line's fixed part is ≤ 5%."""
+"""With no weight stream to hide, the budget is where the iteration's fixed part is ≤ 5%."""
+MIN_TOKEN_BUDGET = 256
+"""Floor of the budget (below the KV capacity and max_num_tokens): a GEMM line measured on a busy
+machine can come out with no intercept at all, and a budget of a few tokens then chunks every
+prompt into dozens of iterations, each paying the per-step costs no kernel profile sees."""
 
 
 def pme(prompt_len: float, gen_len: float) -> float:
@@ -86,31 +96,37 @@ class TokenBudget:
     """min(n_target, KV capacity): more tokens than the cache holds cannot be fed in one step."""
 
 
-def budget_breakdown(spec: ModelSpec, profile: HardwareProfile,
-                     deployment: Deployment) -> TokenBudget:
-    """n_real = min(max(n_io, n_amortise), max_num_tokens, M), at least 1.
+def budget_breakdown(spec: ModelSpec, profile: HardwareProfile, deployment: Deployment,
+                     overheads: StepOverheads | None = None) -> TokenBudget:
+    """n_real = min(max(n_io, n_amortise, MIN_TOKEN_BUDGET), max_num_tokens, M), at least 1.
 
     n_io = (δ − A) / B solves A + B·n = δ for the iteration's GEMM line A + B·n and stream time δ
     (Eq. 2 with a measured line instead of peak FLOP/s). With all weights resident δ = 0 and
-    Eq. 2 says nothing, so the budget is where the fixed cost is amortised:
-    A ≤ f·(A + B·n) ⇔ n ≥ A(1 − f)/(f·B), f = 5% (throughput within 5% of the GEMM asymptote).
-    Taking the larger of the two means: the weight stream is hidden *and* the intercept is
-    amortised. The lm_head rows are left out (they depend on the workload and are small).
+    Eq. 2 says nothing, so the budget is where the fixed cost F is amortised:
+    F ≤ f·(F + B·n) ⇔ n ≥ F(1 − f)/(f·B), f = 5% (throughput within 5% of the asymptote), where
+    F = A + L·(exchange fixed) [+ the step's fixed overhead when known]: every iteration pays
+    one activation exchange per layer whatever its size. Taking the larger of the two means: the
+    weight stream is hidden *and* the fixed part is amortised. The lm_head rows are left out
+    (they depend on the workload and are small).
     """
     placement = place_weights(spec, deployment)
     line = gemm_line(spec, profile)
     delta = placement.streamed_bytes / profile.io_bandwidth_bytes_per_s
     n_io = max(0.0, (delta - line.intercept_s) / line.slope_s_per_token)
+    fixed = line.intercept_s + spec.num_layers * profile.exchange_fixed_s \
+        + (overheads.step_fixed_s if overheads else 0.0)
     f = INTERCEPT_FRACTION
-    n_amortise = line.intercept_s * (1 - f) / (f * line.slope_s_per_token)
-    n_target = max(1, min(math.ceil(max(n_io, n_amortise)), deployment.max_num_tokens))
+    n_amortise = fixed * (1 - f) / (f * line.slope_s_per_token)
+    wanted = max(math.ceil(max(n_io, n_amortise)), MIN_TOKEN_BUDGET)
+    n_target = max(1, min(wanted, deployment.max_num_tokens))
     capacity = deployment.kv_capacity_tokens(spec)
     return TokenBudget(n_io, n_amortise, n_target, capacity, max(1, min(n_target, capacity)))
 
 
-def token_budget(spec: ModelSpec, profile: HardwareProfile, deployment: Deployment) -> int:
+def token_budget(spec: ModelSpec, profile: HardwareProfile, deployment: Deployment,
+                 overheads: StepOverheads | None = None) -> int:
     """n_real: tokens per iteration the scheduler should fill (see `budget_breakdown`)."""
-    return budget_breakdown(spec, profile, deployment).n_real
+    return budget_breakdown(spec, profile, deployment, overheads).n_real
 
 
 @dataclass(frozen=True)
@@ -173,6 +189,14 @@ class Prediction:
 
     stage1: Stage1Bound
     stage2: Stage2Prediction
+    """The job under constant-rate admission of q prompts per iteration (perf_model_stage2): the
+    paper's Stage 2, which converges to Stage 1 as the job grows."""
+    stage2_scheduled: Stage2Prediction | None
+    """With predict(..., replay=True): the job as the coordinator's scheduler runs it
+    (perf_model_scheduled): greedy FCFS admission under the token budget, chunked prefill,
+    preemption with recompute, and the system's StepOverheads. What `moe-lens bench validate`
+    compares with measurement. In a KV-bound steady state it falls short of stage2 by what
+    preemption recomputes."""
     placement: Placement
     n_real: int
     bottleneck: str
@@ -184,16 +208,26 @@ class Prediction:
 
 
 def predict(spec: ModelSpec, profile: HardwareProfile, workload: Workload,
-            deployment: Deployment) -> Prediction:
-    """Stage 1 bound + Stage 2 finite-job prediction; ValueError for impossible deployments."""
+            deployment: Deployment, overheads: StepOverheads | None = None,
+            replay: bool = False) -> Prediction:
+    """Stage 1 bound + Stage 2 finite-job prediction; ValueError for impossible deployments.
+
+    `overheads`: the serving system's per-iteration costs outside the profiled kernels (see
+    StepOverheads); None prices the kernels alone. `replay`: also replay the job through the
+    scheduler's rules (stage2_scheduled); its Python cost grows with requests × iterations
+    (~0.2 s for 256 mixed requests, seconds for thousands on a small cache), too much for a
+    loop that must not stall, such as the coordinator's engine."""
     placement = place_weights(spec, deployment)
-    n_real = token_budget(spec, profile, deployment)
+    n_real = deployment.token_budget or token_budget(spec, profile, deployment, overheads)
     stage1 = stage1_bound(spec, profile, workload, deployment)
     stage2 = stage2_predict(spec, profile, workload, deployment, placement, n_real)
+    scheduled = stage2_scheduled(spec, profile, workload, deployment, placement, n_real,
+                                 overheads) if replay else None
     it = stage2.steady_iteration
     uncontended = max(it.io_s, it.compute_s)
     demand = it.host_memory_bytes / uncontended if uncontended > 0 else 0.0
-    return Prediction(stage1=stage1, stage2=stage2, placement=placement, n_real=n_real,
+    return Prediction(stage1=stage1, stage2=stage2, stage2_scheduled=scheduled,
+                      placement=placement, n_real=n_real,
                       bottleneck=stage2.bottleneck, host_memory_demand_bytes_per_s=demand,
                       is_host_memory_contended=demand > profile.host_memory_bandwidth_bytes_per_s)
 

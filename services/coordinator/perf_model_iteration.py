@@ -3,11 +3,15 @@
 Both stages of the model price an iteration the same way, from a HardwareProfile:
 
     io        = streamed weight bytes / B_IO                       (the data mover)
-    gemm      = Σ_l (a_l + b_l · n) + rows_out · lm_head FLOPs / C  (GEMM line per layer)
-    attention = KV bytes read / attention KV bandwidth              (CPU decode attention)
-    exchange  = L · (fixed + bytes per decode token · n_decode · per-byte)
-    compute   = max(gemm, attention) + exchange   (accelerator host: the two groups overlap)
-              = gemm + attention + exchange       (CPU-only host: they share the cores)
+    gemm      = Σ_l (a_l(n) + b_l · n) + rows_out · lm_head FLOPs / C  (GEMM line per layer)
+    prefill   = L · Σ_fresh (c_seq + c_tok · l + 2·q_size·l²·c_flop) (expert-side causal attention)
+    attention = KV bytes read / attention KV bandwidth              (CPU paged attention: decode
+                rows and prompt chunks that continue a cached prefix)
+    exchange  = L · (fixed + per-byte · (n · 2·kv_size + paged rows · 2·q_size) · act. bytes)
+    overhead  = step fixed + per sequence · sequences               (StepOverheads)
+    compute   = max(gemm + prefill, attention) + exchange + overhead  (accelerator host)
+              = gemm + prefill + attention + exchange + overhead      (CPU-only host: one set of
+                                                                       cores runs it all)
     host_mem  = (streamed bytes · c + [CPU-only: all layer weights] + KV bytes read) / B_host
     total     = max(io, compute, host_mem)
 
@@ -17,7 +21,10 @@ iteration cannot end before all their bytes have crossed the socket (the minimum
 rate-capped flows sharing one pipe is max(D1/r1, D2/r2, (D1+D2)/B)). c = 1 for DMA to an
 accelerator, 2 on a CPU-only host where the copy reads and writes host memory.
 The GEMM line is rescaled from the profiled layer to each layer of the model: slope by FLOPs per
-token, intercept by weight bytes (the fixed part is mostly reading the weights once).
+token, intercept by weight bytes (the fixed part is mostly reading the weights once). Only the
+experts some token picks run, so at n tokens the experts' share of the intercept scales with the
+expected fraction of experts picked, 1 − (1 − k/E)^n: a straight line fitted at tens of tokens
+and more overstates an iteration of a few (one decode row touches k of E experts' weights).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moelens.profile import HardwareProfile
-from services.coordinator.perf_model_types import Deployment, ModelSpec
+from services.coordinator.perf_model_types import Deployment, ModelSpec, StepOverheads
 
 BOTTLENECKS = ("io", "gemm", "cpu_attention", "kv_capacity", "host_memory_bandwidth")
 
@@ -83,14 +90,28 @@ class GemmLine:
     intercept_s: float
     slope_s_per_token: float
     s_per_output_row: float
+    expert_intercept_s: float = 0.0
+    """The part of intercept_s that reads expert weights (scales with the experts picked)."""
+    expert_pick_fraction: float = 1.0
+    """k/E: the chance one token picks a given expert."""
+
+    def intercept_at(self, num_tokens: float) -> float:
+        """The fixed part at `num_tokens`: the experts no token picks are not read."""
+        if num_tokens <= 0:
+            return 0.0
+        picked = 1.0 - (1.0 - self.expert_pick_fraction) ** num_tokens
+        return self.intercept_s - self.expert_intercept_s * (1.0 - picked)
 
 
 def gemm_line(spec: ModelSpec, profile: HardwareProfile) -> GemmLine:
     a, b = profile.gemm_intercept_s, profile.gemm_slope_s_per_token
-    intercept = sum(a * spec.layer_weight_bytes(i) / profile.gemm_layer_weight_bytes
-                    for i in range(spec.num_layers))
+    per_byte = a / profile.gemm_layer_weight_bytes
+    intercept = sum(per_byte * spec.layer_weight_bytes(i) for i in range(spec.num_layers))
     slope = sum(b * f / profile.gemm_layer_flops_per_token for f in spec.layer_flops_per_token)
-    return GemmLine(intercept, slope, spec.head_flops_per_row / profile.gemm_flops_per_s)
+    is_moe = spec.num_experts > spec.top_k >= 1
+    return GemmLine(intercept, slope, spec.head_flops_per_row / profile.gemm_flops_per_s,
+                    expert_intercept_s=per_byte * sum(spec.layer_mlp_bytes) if is_moe else 0.0,
+                    expert_pick_fraction=spec.top_k / spec.num_experts if is_moe else 1.0)
 
 
 @dataclass(frozen=True)
@@ -103,45 +124,75 @@ class IterationCost:
     exchange_s: float
     host_memory_s: float
     compute_s: float
-    """GEMM, attention and exchange combined (overlapped or added, per the host)."""
+    """GEMM, attention, exchange and overheads combined (overlapped or added, per the host)."""
     total_s: float
     dominant: str
     """What sets total_s: io, gemm, cpu_attention (incl. exchange) or host_memory_bandwidth."""
     host_memory_bytes: float
     """Host memory traffic of the iteration (weights streamed + KV read [+ CPU GEMM reads])."""
+    prefill_attention_s: float = 0.0
+    overhead_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepLoad:
+    """What the scheduler put into one iteration, beyond its token count."""
+
+    num_paged_rows: float
+    """Query rows the paged (CPU) attention serves: decode rows and rows of prompt chunks that
+    continue a cached prefix."""
+    fresh_sq_tokens: float = 0.0
+    """Σ l² over fresh sequences (no cached prefix) of l tokens: their causal attention."""
+    num_fresh_seqs: float = 0.0
+    num_fresh_tokens: float = 0.0
+    num_seqs: float = 0.0
 
 
 def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placement,
                    num_tokens: float, num_decode: float, kv_read_tokens: float,
-                   num_output_rows: float, line: GemmLine | None = None) -> IterationCost:
+                   num_output_rows: float, line: GemmLine | None = None,
+                   load: StepLoad | None = None,
+                   overheads: StepOverheads | None = None) -> IterationCost:
     """Price one iteration of `num_tokens` tokens (see the module docstring for the equations).
 
     `line` may be passed precomputed (gemm_line(spec, profile)) when pricing many iterations.
+    Without `load`, the decode rows are the paged rows and nothing is a fresh prompt.
     """
     line = gemm_line(spec, profile) if line is None else line
+    load = StepLoad(num_paged_rows=num_decode) if load is None else load
+    over = StepOverheads() if overheads is None else overheads
     io = placement.streamed_bytes / profile.io_bandwidth_bytes_per_s
-    gemm = line.intercept_s + line.slope_s_per_token * num_tokens \
+    gemm = line.intercept_at(num_tokens) + line.slope_s_per_token * num_tokens \
         + line.s_per_output_row * num_output_rows
+    s_per_flop = over.prefill_attention_s_per_flop
+    if s_per_flop is None:
+        s_per_flop = 1.0 / profile.gemm_flops_per_s
+    prefill = spec.num_layers * (over.prefill_attention_s_per_seq * load.num_fresh_seqs
+                                 + over.prefill_attention_s_per_token * load.num_fresh_tokens
+                                 + 2.0 * spec.q_size * load.fresh_sq_tokens * s_per_flop)
     kv_bytes = kv_read_tokens * spec.kv_bytes_per_token
     attention = kv_bytes / profile.attention_kv_bytes_per_s
     exchange = 0.0
-    if num_decode > 0:
-        exchange = spec.num_layers * (profile.exchange_fixed_s + profile.exchange_s_per_byte
-                                      * num_decode * spec.exchange_bytes_per_decode_token)
+    if num_tokens > 0:
+        moved = (num_tokens * 2 * spec.kv_size + load.num_paged_rows * 2 * spec.q_size) \
+            * spec.activation_bytes
+        exchange = spec.num_layers * (profile.exchange_fixed_s
+                                      + profile.exchange_s_per_byte * moved)
+    overhead = over.step_fixed_s + over.step_s_per_seq * load.num_seqs if num_tokens > 0 else 0.0
     if profile.is_accelerator_separate:
-        compute = max(gemm, attention) + exchange
+        compute = max(gemm + prefill, attention) + exchange + overhead
         traffic = placement.streamed_bytes + kv_bytes
     else:
-        compute = gemm + attention + exchange
+        compute = gemm + prefill + attention + exchange + overhead
         traffic = 2 * placement.streamed_bytes + spec.layers_weight_bytes + kv_bytes
     host_mem = traffic / profile.host_memory_bandwidth_bytes_per_s
     total = max(io, compute, host_mem)
-    compute_name = "gemm" if gemm >= attention + exchange else "cpu_attention"
+    compute_name = "gemm" if gemm + prefill >= attention + exchange else "cpu_attention"
     # On (near) ties prefer the accelerator, then IO: the named resource is the one to buy more of.
     ranked = [(compute, compute_name), (io, "io"), (host_mem, "host_memory_bandwidth")]
     dominant = next(name for value, name in ranked if value >= total * (1 - 1e-9))
     return IterationCost(io, gemm, attention, exchange, host_mem, compute, total, dominant,
-                         traffic)
+                         traffic, prefill, overhead)
 
 
 def classify_bottleneck(cost: IterationCost, is_kv_limited: bool) -> str:

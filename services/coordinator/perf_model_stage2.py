@@ -28,14 +28,15 @@ Admission at a constant rate of q requests per iteration (the scheduler's choice
 Block fragmentation enters through the ceil; ramp-up and drain through iterations that stream
 all weights for fewer tokens. As K grows the steady part dominates and, with b = 1, the rate
 q·(p + g)/t tends to Stage 1's PME·M/t (they differ by (p + g/2)/(p + (g−1)/2), the paper's
-Eq. 3 approximation). A greedy scheduler that front-loads prompts while the cache is empty is
-not modelled: it would preempt later and is not faster in steady state.
+Eq. 3 approximation). The coordinator's scheduler is greedy instead (it front-loads prompts
+while the cache is empty and preempts later): perf_model_schedule replays exactly that, and
+`predict(..., replay=True)` reports it as stage2_scheduled.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -75,6 +76,15 @@ class Stage2Prediction:
     steady_iteration: IterationCost
     """The fullest iteration (the steady one, or the last admission for short jobs)."""
     bottleneck: str
+    num_preemptions: int = 0
+    """Requests preempted (and recomputed) on the way (the scheduler's replay only)."""
+    token_budget: int = 0
+    """Tokens per iteration the job ran with."""
+    mean_tokens_per_iteration: float = 0.0
+    """Tokens of the job (without recompute) / iterations."""
+    components_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of the whole job per priced component (gemm, attention, exchange,
+    prefill_attention, overhead; the scheduler's replay only)."""
 
 
 @dataclass(frozen=True)

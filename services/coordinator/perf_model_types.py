@@ -172,6 +172,11 @@ class Deployment:
     max_num_tokens: int = 8192
     """Most tokens one step computes (the services' --max-num-tokens): sizes the workspace and
     caps the token budget."""
+    token_budget: int | None = None
+    """The scheduler's budget when it is already fixed (a --token-budget flag, or the one the
+    coordinator chose at start from its warmup profile); None: the model's n_real."""
+    max_num_seqs: int | None = None
+    """The scheduler's cap on running requests (--max-num-seqs); None: no cap."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes <= 0:
@@ -183,8 +188,45 @@ class Deployment:
                              f"{self.device_memory_bytes}")
         if self.max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
+        for name in ("token_budget", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
 
     def kv_capacity_tokens(self, spec: ModelSpec) -> int:
         """M: whole blocks of KV that fit in kv_cache_bytes, in tokens."""
         per_block = spec.kv_bytes_per_token * self.block_size
         return (self.kv_cache_bytes // per_block) * self.block_size
+
+
+@dataclass(frozen=True)
+class StepOverheads:
+    """Per-iteration costs of the serving system that a kernel profile does not see.
+
+    The hardware profile times kernels (GEMM line, attention, copies, one exchange); a real
+    iteration also runs the coordinator's Python (schedule, plan, token events), the Step RPC,
+    embedding and sampling, and the expert-side causal attention of fresh prompts. These are
+    measured on the running system (`moe-lens bench validate` does it before its points, from a
+    calibration job's phase timings and a timing of the prefill-attention call); all zero
+    leaves the model as the kernels alone.
+    """
+
+    step_fixed_s: float = 0.0
+    """Seconds per iteration outside the profiled phases, whatever its size."""
+    step_s_per_seq: float = 0.0
+    """Seconds per scheduled sequence outside the profiled phases (plan entries, sampling,
+    token events)."""
+    prefill_attention_s_per_seq: float = 0.0
+    """Expert-side causal attention: seconds per fresh sequence per layer (the call itself)."""
+    prefill_attention_s_per_token: float = 0.0
+    """Expert-side causal attention: seconds per fresh token per layer (copies of q, k, v)."""
+    prefill_attention_s_per_flop: float | None = None
+    """Expert-side causal attention: seconds per FLOP (2·q_size·l² per fresh sequence of l
+    tokens per layer); None prices it at the GEMM line's rate."""
+
+    def __post_init__(self) -> None:
+        for name in ("step_fixed_s", "step_s_per_seq", "prefill_attention_s_per_seq",
+                     "prefill_attention_s_per_token", "prefill_attention_s_per_flop"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"StepOverheads.{name} must be >= 0, got {value}")

@@ -1,0 +1,149 @@
+"""What `bench validate` measures besides the services' warmup profile: the system's StepOverheads.
+
+The hardware profile times kernels in isolation. A real iteration also runs the coordinator's
+Python (schedule, plan, token events), the Step RPC, embedding and sampling, the per-layer
+activation exchange between two processes (thread wake-ups included), and the expert-side causal
+attention of fresh prompts (SDPA, one call per sequence). Three short calibration jobs through
+the running services — never the validated point's own job — measure them with the services'
+own phase timers (the coordinator's /metrics):
+
+- A: 1 request and B: `num_seqs` requests of CALIBRATION_PROMPT tokens decoding together;
+- C and D: prompts of 512 tokens one per iteration, and of 128 tokens four per iteration (capped
+  by the token budget).
+
+Prefill attention: the prefill_attention phase of A…D per layer, fitted as
+per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
+Step overhead: per iteration of A and B, wall time minus what the model prices for the same job
+from the profile (its scheduler replay with the prefill-attention fit): on a CPU-only host the
+coordinator's Python, the gRPC streams of the clients and the services' own threads share the
+cores with the GEMMs, so their cost lands partly between the expert's phase timers and partly
+inside them; only the difference of whole-job times sees both. A line in the number of
+sequences through A and B, clamped at zero.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from services.coordinator.perf_model import StepOverheads
+
+CALIBRATION_PROMPT, CALIBRATION_GEN = 8, 32
+CALIBRATION_SEQS = 24
+"""Sequences of job B when the deployment has no running-sequence cap."""
+LONG_PROMPT, LONG_STEPS, MEDIUM_PROMPTS = 512, 2, 4
+"""Prefill calibration: LONG_STEPS iterations of one LONG_PROMPT-token prompt, and as many of
+MEDIUM_PROMPTS prompts of a quarter of it (both capped by the token budget)."""
+_SETTLE_TRIES, _SETTLE_S = 40, 0.05
+
+
+def fit_prefill_attention(shapes: list[tuple[int, int]], seconds: list[float],
+                          q_size: int) -> tuple[float, float, float]:
+    """(seconds per sequence, per token, per FLOP) of `count` fresh sequences of `length` tokens
+    per (length, count) shape: non-negative least squares through the origin (a coefficient
+    that would come out negative is dropped and the rest refitted)."""
+    columns = np.array([[count, count * length, 2.0 * q_size * count * length ** 2]
+                        for length, count in shapes], dtype=float)  # [S, 3]
+    y = np.array(seconds, dtype=float)
+    kept = [0, 1, 2]
+    while kept:
+        coef, *_ = np.linalg.lstsq(columns[:, kept], y, rcond=None)
+        if (coef >= 0).all():
+            out = [0.0, 0.0, 0.0]
+            for index, value in zip(kept, coef):
+                out[index] = float(value)
+            return out[0], out[1], out[2]
+        kept.pop(int(np.argmin(coef)))
+    return 0.0, 0.0, 0.0
+
+
+_SAMPLE = re.compile(r'^(moelens_step_\w+?)(?:\{phase="(\w+)"\})?\s+(\S+)$')
+
+
+def scrape_steps(url: str) -> dict[str, float]:
+    """From the coordinator's /metrics: "steps" (the step count) and the summed seconds of each
+    expert-side phase ("gemm", "attention", ...)."""
+    with urllib.request.urlopen(url, timeout=5.0) as reply:  # loopback only
+        text = reply.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        found = _SAMPLE.match(line.strip())
+        if not found:
+            continue
+        name, phase, value = found.groups()
+        if name == "moelens_step_duration_seconds_count":
+            values["steps"] = float(value)
+        elif name == "moelens_step_phase_seconds_sum" and phase:
+            values[phase] = float(value)
+    return values
+
+
+def _scrape_after(url: str, steps_before: float, num_steps: int) -> dict[str, float]:
+    """The series once the exporter has seen `num_steps` more steps (the engine streams a
+    request's last token before it records the step)."""
+    values = scrape_steps(url)
+    for _ in range(_SETTLE_TRIES):
+        if values.get("steps", 0) >= steps_before + num_steps:
+            break
+        time.sleep(_SETTLE_S)
+        values = scrape_steps(url)
+    return values
+
+
+@dataclass(frozen=True)
+class CalibrationJob:
+    """Phase seconds, wall time and iterations of one calibration job."""
+
+    wall_s: float
+    num_steps: float
+    phase_s: dict[str, float]
+
+
+def run_calibration(client, metrics_url: str, vocab_size: int, num_seqs: int, prompt_len: int,
+                    gen_len: int, seed: int) -> CalibrationJob:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab_size, prompt_len).tolist() for _ in range(num_seqs)]
+    before = scrape_steps(metrics_url)
+    start = time.perf_counter()
+    client.generate_batch(prompts, max_concurrency=num_seqs, progress=False, temperature=0.0,
+                          ignore_eos=True, min_tokens=gen_len, max_tokens=gen_len)
+    wall = time.perf_counter() - start
+    after = _scrape_after(metrics_url, before.get("steps", 0), gen_len)
+    phases = {p: after.get(p, 0.0) - before.get(p, 0.0) for p in after if p != "steps"}
+    return CalibrationJob(wall, after.get("steps", 0) - before.get("steps", 0), phases)
+
+
+def measure_overheads(client, metrics_url: str, spec, profile, deployment, vocab_size: int,
+                      seed: int = 0) -> StepOverheads:
+    """StepOverheads from calibration jobs A, B and C (see the module docstring)."""
+    from services.coordinator.perf_model import Workload, predict
+    num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
+    long_prompt = min(deployment.token_budget or LONG_PROMPT, LONG_PROMPT)
+    p, g = CALIBRATION_PROMPT, CALIBRATION_GEN
+    one = run_calibration(client, metrics_url, vocab_size, 1, p, g, seed)
+    many = run_calibration(client, metrics_url, vocab_size, num_seqs, p, g, seed + 1)
+    shapes = [(p, 1), (p, num_seqs)]
+    jobs = [one, many]
+    for length in (long_prompt // MEDIUM_PROMPTS, long_prompt):
+        count = long_prompt // length * LONG_STEPS
+        jobs.append(run_calibration(client, metrics_url, vocab_size, count, length, 1,
+                                    seed + 2 + len(jobs)))
+        shapes.append((length, count))
+    seconds = [job.phase_s.get("prefill_attention", 0.0) / spec.num_layers for job in jobs]
+    per_call, per_token, per_flop = fit_prefill_attention(shapes, seconds, spec.q_size)
+    kernels = StepOverheads(prefill_attention_s_per_seq=per_call,
+                            prefill_attention_s_per_token=per_token,
+                            prefill_attention_s_per_flop=per_flop)
+
+    def residual(job: CalibrationJob, seqs: int) -> float:
+        modelled = predict(spec, profile, Workload(p, g, seqs), deployment, kernels,
+                           replay=True).stage2_scheduled
+        return (job.wall_s - modelled.total_time_s) / modelled.num_iterations
+
+    r_one, r_many = residual(one, 1), residual(many, num_seqs)
+    per_seq = max(0.0, (r_many - r_one) / (num_seqs - 1))
+    return replace(kernels, step_fixed_s=max(0.0, r_one - per_seq), step_s_per_seq=per_seq)

@@ -1,0 +1,172 @@
+"""The performance model's scheduler replay against the coordinator's real Scheduler.
+
+The replay (services/coordinator/perf_model_schedule.py) groups identical requests into cohorts;
+the reference here drives the real Scheduler and BlockManager one request at a time, with a fake
+step that emits a token whenever a sequence's known tokens are all computed (what the engine
+does with greedy, ignore_eos, min_tokens = max_tokens requests). Every iteration must match.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moelens.sampling import SamplingParams
+from services.coordinator.block_manager import BlockManager
+from services.coordinator.perf_model_schedule import Load, replay
+from services.coordinator.request import Request, RequestStatus
+from services.coordinator.scheduler import Scheduler, SchedulerConfig
+
+
+def _reference(classes, num_blocks, block_size, budget, max_seqs):
+    """Per iteration (tokens, seqs, paged rows, KV read, fresh Σl², emitted, preempted,
+    blocks used) from the real scheduler."""
+    sched = Scheduler(SchedulerConfig(token_budget=budget, max_num_seqs=max_seqs or 10 ** 6,
+                                      max_waiting=10 ** 6, max_model_len=10 ** 6),
+                      BlockManager(num_blocks, block_size))
+    seq = 0
+    for p, g, k in classes:
+        for _ in range(k):
+            sched.add(Request(f"r{seq}", seq, [1] * p, SamplingParams(
+                max_tokens=g, min_tokens=g, temperature=0.0, ignore_eos=True), seed=0))
+            seq += 1
+    out = []
+    while sched.has_work:
+        plan = sched.schedule()
+        row = dict(tokens=plan.num_tokens, seqs=len(plan.scheduled), paged=0, kv=0.0,
+                   fresh=0.0, emitted=0, preempted=len(plan.preempted))
+        for s in plan.scheduled:
+            start, n = s.request.num_computed, s.num_new_tokens
+            if start == 0:
+                row["fresh"] += n * n
+            else:
+                row["paged"] += n
+                row["kv"] += n * start + n * (n + 1) / 2
+            row["emitted"] += s.is_emitting
+        sched.mark_computed(plan)
+        for s in plan.scheduled:
+            r = s.request
+            if r.num_computed == r.num_tokens:
+                r.output_ids.append(0)
+                if len(r.output_ids) >= r.params.max_tokens:
+                    sched.finish(r, RequestStatus.FINISHED_LENGTH)
+        row["blocks"] = sched.blocks.num_used_blocks
+        out.append(row)
+    return out
+
+
+def _as_row(load: Load) -> dict:
+    return dict(tokens=load.tokens, seqs=load.seqs, paged=load.paged_rows, kv=load.kv_read,
+                fresh=load.fresh_sq, emitted=load.rows_out, preempted=load.preempted,
+                blocks=load.blocks_used)
+
+
+@pytest.mark.parametrize("classes,num_blocks,block_size,budget,max_seqs", [
+    ([(32, 16, 40)], 10_000, 16, 512, None),           # compute-bound: budget sets admission
+    ([(128, 64, 30)], 10_000, 16, 300, None),          # prompts chunked across iterations
+    ([(128, 64, 30)], 40, 16, 1024, None),             # KV-bound: greedy admission, preemption
+    ([(64, 32, 50)], 10_000, 16, 1024, 8),             # the running-sequence cap binds
+    ([(20, 9, 7), (70, 3, 5), (5, 30, 9)], 30, 4, 64, 6),  # a mix, everything binding
+    ([(97, 40, 25)], 23, 8, 200, None),                # odd sizes, heavy preemption
+])
+def test_replay_matches_real_scheduler(classes, num_blocks, block_size, budget, max_seqs):
+    run = replay(classes, num_blocks, block_size, budget, max_seqs, price=lambda load: 1.0,
+                 skip_steady=False)
+    reference = _reference(classes, num_blocks, block_size, budget, max_seqs)
+    assert run.num_skipped_iterations == 0
+    assert [_as_row(x) for x in run.loads] == reference
+    assert run.num_iterations == len(reference)
+    assert run.num_preemptions == sum(r["preempted"] for r in reference)
+
+
+def test_long_job_skips_steady_windows_closely():
+    """Skipping steady windows changes the time of a long job by well under 1%."""
+    classes = [(48, 24, 3000)]
+
+    def price(load: Load) -> float:
+        return 0.01 + 1e-5 * load.tokens + 1e-8 * load.kv_read
+
+    skipped = replay(classes, 400, 16, 256, None, price)
+    assert skipped.num_skipped_iterations > 0
+    exact_steps = _reference(classes, 400, 16, 256, None)
+    exact = sum(0.01 + 1e-5 * r["tokens"] + 1e-8 * r["kv"] for r in exact_steps)
+    assert skipped.total_time_s == pytest.approx(exact, rel=0.01)
+    assert skipped.num_iterations == pytest.approx(len(exact_steps), rel=0.01)
+
+
+def test_request_longer_than_cache_cannot_progress():
+    with pytest.raises(ValueError, match="cannot make progress"):
+        replay([(100, 10, 1)], 4, 16, 512, None, price=lambda load: 1.0)
+
+
+# The model around the replay ----------------------------------------------------------------------
+
+def _default_spec_and_profile(**overrides):
+    from moelens.config import parse_config
+    from moelens.profile import HardwareProfile
+    from services.coordinator.perf_model import ModelSpec
+    cfg = parse_config(dict(model_type="mixtral", vocab_size=1024, hidden_size=256,
+                            intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                            rope_theta=1e6, max_position_embeddings=4096))
+    spec = ModelSpec.from_config(cfg, weight_bytes=4, activation_bytes=4)
+    fields = dict(io_bandwidth_bytes_per_s=2e9, gemm_intercept_s=8e-3,
+                  gemm_slope_s_per_token=5e-5, attention_kv_bytes_per_s=5e9,
+                  host_memory_bandwidth_bytes_per_s=9e9, exchange_fixed_s=1e-3,
+                  exchange_s_per_byte=1e-9, is_accelerator_separate=False,
+                  gemm_layer_flops_per_token=spec.layer_flops_per_token[0],
+                  gemm_layer_weight_bytes=float(spec.layer_weight_bytes(0)))
+    fields.update(overrides)
+    return spec, HardwareProfile(**fields)
+
+
+def test_budget_survives_a_profile_with_no_intercept():
+    from services.coordinator.perf_model import MIN_TOKEN_BUDGET, Deployment, token_budget
+    spec, profile = _default_spec_and_profile(gemm_intercept_s=0.0, exchange_fixed_s=0.0)
+    deployment = Deployment(kv_cache_bytes=2 ** 27)
+    assert token_budget(spec, profile, deployment) == MIN_TOKEN_BUDGET
+    # the exchange's fixed cost per layer counts as fixed cost of the iteration
+    spec, with_exchange = _default_spec_and_profile(gemm_intercept_s=0.0, exchange_fixed_s=1e-2)
+    assert token_budget(spec, with_exchange, deployment) > MIN_TOKEN_BUDGET
+
+
+def test_fixed_budget_and_seq_cap_reach_the_replay():
+    from dataclasses import replace
+
+    from services.coordinator.perf_model import Deployment, Workload, predict
+    spec, profile = _default_spec_and_profile()
+    deployment = Deployment(kv_cache_bytes=2 ** 27, token_budget=64, max_num_seqs=4)
+    pred = predict(spec, profile, Workload(32, 8, 12), deployment, replay=True)
+    assert pred.n_real == 64 and pred.stage2_scheduled.token_budget == 64
+    num_blocks = deployment.kv_capacity_tokens(spec) // deployment.block_size
+    assert pred.stage2_scheduled.num_iterations == len(_reference([(32, 8, 12)], num_blocks, 16,
+                                                                  64, 4))
+    free = predict(spec, profile, Workload(32, 8, 12), replace(deployment, max_num_seqs=None),
+                   replay=True)
+    assert free.stage2_scheduled.num_iterations < pred.stage2_scheduled.num_iterations
+    assert predict(spec, profile, Workload(32, 8, 12), deployment).stage2_scheduled is None
+
+
+def test_small_iterations_read_only_the_experts_picked():
+    from services.coordinator.perf_model_iteration import gemm_line
+    spec, profile = _default_spec_and_profile()
+    line = gemm_line(spec, profile)
+    assert line.intercept_at(0) == 0.0
+    assert line.intercept_at(10_000) == pytest.approx(line.intercept_s)
+    # one token picks 2 of 8 experts: 3/4 of the experts' share of the intercept is not paid
+    one = line.intercept_s - 0.75 * line.expert_intercept_s
+    assert line.intercept_at(1) == pytest.approx(one)
+    assert line.intercept_at(1) < line.intercept_at(4) < line.intercept_at(32)
+
+
+def test_step_overheads_add_per_iteration_and_per_sequence():
+    from services.coordinator.perf_model import Deployment, StepOverheads, Workload, predict
+    spec, profile = _default_spec_and_profile()
+    deployment = Deployment(kv_cache_bytes=2 ** 27, token_budget=512)
+    bare = predict(spec, profile, Workload(16, 8, 4), deployment, replay=True).stage2_scheduled
+    over = StepOverheads(step_fixed_s=0.01, step_s_per_seq=0.001)
+    paid = predict(spec, profile, Workload(16, 8, 4), deployment, over,
+                   replay=True).stage2_scheduled
+    # 8 iterations of 4 sequences each
+    assert paid.total_time_s - bare.total_time_s == pytest.approx(8 * (0.01 + 4 * 0.001))
+    with pytest.raises(ValueError, match="step_fixed_s"):
+        StepOverheads(step_fixed_s=-1.0)
