@@ -13,10 +13,9 @@ import grpc
 
 from moelens.errors import Unavailable
 from moelens.grpc_server import CHANNEL_OPTIONS
-from moelens.sampling import SamplingParams
+from moelens.sampling_proto import sampling_to_proto
 from moelens.stats import StepTimings
-from moelens.v1 import (attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2,
-                        expert_pb2_grpc)
+from moelens.v1 import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
 from services.coordinator.scheduler import SchedulerOutput
 
 STEP_TIMEOUT_S = 600.0
@@ -28,16 +27,6 @@ class StepResult:
     tokens: dict[int, expert_pb2.SampledToken]  # by seq_id
     timings: StepTimings
     wall_s: float
-
-
-def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        max_tokens=p.max_tokens, min_tokens=p.min_tokens, temperature=p.temperature,
-        top_p=p.top_p, top_k=p.top_k, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos, want_logprobs=p.logprobs is not None, logprobs=p.logprobs or 0)
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
 
 
 class Executor:

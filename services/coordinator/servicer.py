@@ -9,24 +9,10 @@ import time
 import uuid
 
 from moelens.errors import InvalidArgument
-from moelens.sampling import SamplingParams
+from moelens.sampling_proto import sampling_from_proto
 from moelens.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.coordinator.request import FinishEvent, Request, TokenEvent
 from services.coordinator.state import CoordinatorState
-
-
-def sampling_from_proto(p) -> SamplingParams:
-    fields = {name: getattr(p, name) for name in
-              ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "ignore_eos")
-              if p.HasField(name)}
-    if p.HasField("seed"):
-        fields["seed"] = p.seed
-    if p.want_logprobs:
-        fields["logprobs"] = p.logprobs
-    try:
-        return SamplingParams(**fields, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids))
-    except ValueError as err:
-        raise InvalidArgument(f"sampling.{err}") from None
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -54,7 +40,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return ids
 
     def _new_request(self, request) -> Request:
-        params = sampling_from_proto(request.sampling)
+        try:
+            params = sampling_from_proto(request.sampling)
+        except ValueError as err:
+            raise InvalidArgument(f"sampling.{err}") from None
         prompt = self._prompt_ids(request)
         req = Request(request_id=request.request_id or uuid.uuid4().hex,
                       seq_id=next(self._seq_ids), prompt_ids=prompt, params=params,

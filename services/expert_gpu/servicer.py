@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from moelens.errors import InvalidArgument
 from moelens.sampling import RowSampling, SamplingParams
+from moelens.sampling_proto import sampling_from_proto
 from moelens.v1 import expert_pb2, expert_pb2_grpc
 from services.expert_gpu.runner import SeqStep
 from services.expert_gpu.worker import ExpertWorker
@@ -20,19 +21,6 @@ class _SeqState:
     params: SamplingParams
     seed: int
     suppress_until_min: tuple[int, ...]  # EOS + stop ids, banned while num_generated < min_tokens
-
-
-def sampling_from_proto(p) -> SamplingParams:
-    """Proto -> SamplingParams; unset optional fields keep the dataclass defaults."""
-    fields = {}
-    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "ignore_eos"):
-        if p.HasField(name):
-            fields[name] = getattr(p, name)
-    if p.want_logprobs:
-        fields["logprobs"] = p.logprobs
-    if p.HasField("seed"):
-        fields["seed"] = p.seed
-    return SamplingParams(**fields, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids))
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
