@@ -7,18 +7,20 @@ attention of fresh prompts (SDPA, one call per sequence). Three short calibratio
 the running services — never the validated point's own job — measure them with the services'
 own phase timers (the coordinator's /metrics):
 
-- A: 1 request and B: `num_seqs` requests of CALIBRATION_PROMPT tokens decoding together;
-- C and D: prompts of 512 tokens one per iteration, and of 128 tokens four per iteration (capped
-  by the token budget).
+- A: 1 request and B: `num_seqs` requests of 8-token prompts decoding 64 tokens together;
+- C, D, E: prompts of 512, 256 and 128 tokens, filling the 512-token budget 1, 2 and 4 to an
+  iteration, 6 iterations each (capped by the token budget).
 
-Prefill attention: the prefill_attention phase of A…D per layer, fitted as
+Prefill attention: the prefill_attention phase of A…E per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
+In-situ GEMM scale: the expert's gemm phase over A…E / what the profile's GEMM line prices for
+the same jobs. The warmup times one layer over and over with the other services idle; inside a
+job each layer's weights come back from memory and the coordinator, the clients' gRPC streams
+and the attention service run between the GEMMs on the same cores.
 Step overhead: per iteration of A and B, wall time minus what the model prices for the same job
-from the profile (its scheduler replay with the prefill-attention fit): on a CPU-only host the
-coordinator's Python, the gRPC streams of the clients and the services' own threads share the
-cores with the GEMMs, so their cost lands partly between the expert's phase timers and partly
-inside them; only the difference of whole-job times sees both. A line in the number of
-sequences through A and B, clamped at zero.
+(its scheduler replay with the prefill-attention fit and the GEMM scale): the coordinator's
+Python, the Step RPC, sampling, embedding, and what the exchange costs beyond its warmup round
+trip. A line in the number of sequences through A and B, clamped at zero.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ import numpy as np
 
 from services.coordinator.perf_model import StepOverheads
 
-CALIBRATION_PROMPT, CALIBRATION_GEN = 8, 32
+CALIBRATION_PROMPT, CALIBRATION_GEN = 8, 64
 CALIBRATION_SEQS = 24
 """Sequences of job B when the deployment has no running-sequence cap."""
-LONG_PROMPT, LONG_STEPS, MEDIUM_PROMPTS = 512, 2, 4
-"""Prefill calibration: LONG_STEPS iterations of one LONG_PROMPT-token prompt, and as many of
-MEDIUM_PROMPTS prompts of a quarter of it (both capped by the token budget)."""
+LONG_PROMPT, PREFILL_STEPS, PROMPTS_PER_STEP = 512, 6, (1, 2, 4)
+"""Prefill calibration: PREFILL_STEPS iterations each of 1, 2 and 4 prompts filling LONG_PROMPT
+tokens (512, 256 and 128 tokens; capped by the token budget). Three lengths keep the
+per-token and per-FLOP terms apart; six iterations each average the machine's noise."""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 
 
@@ -119,7 +122,7 @@ def run_calibration(client, metrics_url: str, vocab_size: int, num_seqs: int, pr
 
 def measure_overheads(client, metrics_url: str, spec, profile, deployment, vocab_size: int,
                       seed: int = 0) -> StepOverheads:
-    """StepOverheads from calibration jobs A, B and C (see the module docstring)."""
+    """StepOverheads from calibration jobs A…E (see the module docstring)."""
     from services.coordinator.perf_model import Workload, predict
     num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
     long_prompt = min(deployment.token_budget or LONG_PROMPT, LONG_PROMPT)
@@ -128,8 +131,8 @@ def measure_overheads(client, metrics_url: str, spec, profile, deployment, vocab
     many = run_calibration(client, metrics_url, vocab_size, num_seqs, p, g, seed + 1)
     shapes = [(p, 1), (p, num_seqs)]
     jobs = [one, many]
-    for length in (long_prompt // MEDIUM_PROMPTS, long_prompt):
-        count = long_prompt // length * LONG_STEPS
+    for per_step in PROMPTS_PER_STEP:
+        length, count = long_prompt // per_step, per_step * PREFILL_STEPS
         jobs.append(run_calibration(client, metrics_url, vocab_size, count, length, 1,
                                     seed + 2 + len(jobs)))
         shapes.append((length, count))
@@ -138,12 +141,22 @@ def measure_overheads(client, metrics_url: str, spec, profile, deployment, vocab
     kernels = StepOverheads(prefill_attention_s_per_seq=per_call,
                             prefill_attention_s_per_token=per_token,
                             prefill_attention_s_per_flop=per_flop)
+    workloads = [Workload(p, g, 1), Workload(p, g, num_seqs)] + \
+        [Workload(length, 1, count) for length, count in shapes[2:]]
 
-    def residual(job: CalibrationJob, seqs: int) -> float:
-        modelled = predict(spec, profile, Workload(p, g, seqs), deployment, kernels,
-                           replay=True).stage2_scheduled
-        return (job.wall_s - modelled.total_time_s) / modelled.num_iterations
+    def modelled(index: int, overheads: StepOverheads):
+        return predict(spec, profile, workloads[index], deployment, overheads,
+                       replay=True).stage2_scheduled
 
-    r_one, r_many = residual(one, 1), residual(many, num_seqs)
+    predicted_gemm = sum(modelled(i, kernels).components_s["gemm"] for i in range(len(jobs)))
+    measured_gemm = sum(job.phase_s.get("gemm", 0.0) for job in jobs)
+    if predicted_gemm > 0 and measured_gemm > 0:
+        kernels = replace(kernels, gemm_scale=measured_gemm / predicted_gemm)
+
+    def residual(index: int) -> float:
+        run = modelled(index, kernels)
+        return (jobs[index].wall_s - run.total_time_s) / run.num_iterations
+
+    r_one, r_many = residual(0), residual(1)
     per_seq = max(0.0, (r_many - r_one) / (num_seqs - 1))
     return replace(kernels, step_fixed_s=max(0.0, r_one - per_seq), step_s_per_seq=per_seq)

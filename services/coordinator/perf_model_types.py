@@ -223,8 +223,14 @@ class StepOverheads:
     prefill_attention_s_per_flop: float | None = None
     """Expert-side causal attention: seconds per FLOP (2·q_size·l² per fresh sequence of l
     tokens per layer); None prices it at the GEMM line's rate."""
+    gemm_scale: float = 1.0
+    """GEMM time inside a running job / the profile's GEMM line. The warmup times one layer
+    over and over with the other services idle; in a job every layer's weights come back from
+    memory and the other processes run between the GEMMs."""
 
     def __post_init__(self) -> None:
+        if not self.gemm_scale > 0:
+            raise ValueError(f"StepOverheads.gemm_scale must be > 0, got {self.gemm_scale}")
         for name in ("step_fixed_s", "step_s_per_seq", "prefill_attention_s_per_seq",
                      "prefill_attention_s_per_token", "prefill_attention_s_per_flop"):
             value = getattr(self, name)
