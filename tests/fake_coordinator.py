@@ -2,8 +2,8 @@
 
 Prompt text picks the behaviour: "error:CODE" aborts with that status, "raise:NAME" raises
 moelens.errors.NAME (mapped by the real interceptor), "hold" streams one chunk then waits for
-Abort (ending with finish_reason "abort") or cancellation, "barrier" waits until `barrier`'s
-parties are all in flight. Anything else echoes: token i = (base + i) % 1000, where base is the
+Abort (ending with finish_reason "abort") or cancellation. While `barrier` is set, every request
+first waits until its parties are all in flight. Anything else echoes: token i = (base + i) % 1000, where base is the
 text's length or the sum of the prompt ids, in chunks of two.
 """
 
@@ -38,6 +38,7 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
             self.requests.clear()
             self.metadata.clear()
             self.peak_active = 0
+            self.barrier = None
 
     def Generate(self, request, context):
         rid = request.request_id
@@ -47,7 +48,8 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
             self.num_active += 1
             self.peak_active = max(self.peak_active, self.num_active)
             self.cancelled[rid] = threading.Event()
-        context.add_callback(self.cancelled[rid].set)
+        if not context.add_callback(self.cancelled[rid].set):
+            self.cancelled[rid].set()  # the client cancelled before the callback was registered
         try:
             yield from self._generate(request, context)
         finally:
@@ -56,6 +58,8 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
     def _generate(self, request, context):
         text = request.text if request.WhichOneof("input") == "text" else ""
+        if self.barrier is not None:
+            self.barrier.wait()
         if text.startswith("error:"):
             context.abort(grpc.StatusCode[text.split(":", 1)[1]], f"fake {text}")
         if text.startswith("raise:"):
@@ -63,8 +67,6 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
         if text == "hold":
             yield from self._hold(request)
             return
-        if text == "barrier":
-            self.barrier.wait()
         ids = list(request.token_ids.ids)
         time.sleep(0.002 * (sum(ids) % 5))  # finish out of order
         yield from self._echo(request, len(text) if text else sum(ids))

@@ -197,6 +197,7 @@ def test_batch_validates_everything_first(client, fake):
 
 def test_batch_failure_names_prompt_and_cancels_rest(client, fake):
     prompts = ["hold", "hold", "error:RESOURCE_EXHAUSTED"]
+    fake.barrier = threading.Barrier(3, timeout=10)  # the error comes once both holds are in
     with pytest.raises(ResourceExhaustedError, match="^prompt 2: fake error"):
         client.generate_batch(prompts, max_concurrency=3, progress=False)
     held = [r.request_id for r in fake.requests if r.text == "hold"]
@@ -276,8 +277,6 @@ def test_async_cancel_and_task_cancellation(server, fake):
 
 
 def test_async_batch_order_bound_and_failure(server, fake):
-    fake.barrier = threading.Barrier(4, timeout=10)
-
     async def main():
         async with AsyncClient(server[1]) as client:
             prompts = [[i] for i in range(10)]
@@ -286,9 +285,11 @@ def test_async_batch_order_bound_and_failure(server, fake):
                 max_concurrency=3, progress=False)
             assert [r.token_ids for r in results] == [echo(i, 1 + i % 3) for i in range(10)]
             fake.reset()
+            fake.barrier = threading.Barrier(4, timeout=10)
             await client.generate_batch(["barrier"] * 8, max_concurrency=4, progress=False,
                                         max_tokens=1)
             assert fake.peak_active == 4
+            fake.barrier = threading.Barrier(2, timeout=10)
             with pytest.raises(UnavailableError, match="^prompt 1: "):
                 await client.generate_batch(["hold", "error:UNAVAILABLE"], progress=False)
     asyncio.run(main())
