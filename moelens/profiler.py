@@ -4,7 +4,8 @@ What is measured, and how (each function stands alone; `profile_local` runs them
 
 - GEMM line: one decoder layer of the model's shapes — QKV/O projections, router, and the routed
   expert GEMMs with tokens grouped per expert (top_k·n/E rows each, gate/up/down) plus a shared
-  expert if any — timed at several token counts and fitted by least squares: s = a + b·n.
+  expert if any, with the expert service's kernels (panel GEMMs or F.linear, as its
+  --cpu-gemm) — timed at several token counts and fitted by least squares: s = a + b·n.
   Layers too large for `max_weight_bytes` time a subset of experts and scale by E / subset.
 - Host memory bandwidth: streaming read (a sum over a buffer far larger than the caches).
 - Host→device bandwidth (B_IO): pinned ~1 GB copies on CUDA; on a CPU-only host the data mover's
@@ -26,10 +27,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from moelens import panel_gemm
 from moelens.config import ModelConfig
 from moelens.model.attention import paged_attention
+from moelens.model.moe import swiglu
+from moelens.panel_gemm import PanelWeight, linear
 from moelens.profile import HardwareProfile
 
 AttentionKernel = Callable[..., torch.Tensor]
@@ -106,35 +109,37 @@ class GemmMeasurement:
 
 
 def _layer_weights(cfg: ModelConfig, num_experts: int, device: torch.device,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype, panels: bool) -> dict[str, torch.Tensor | PanelWeight]:
+    """One layer's GEMM weights in the [N, K] layout the expert service uses (panels or not)."""
     h, i, s = cfg.hidden_size, cfg.expert_intermediate_size, cfg.shared_expert_intermediate_size
 
-    def w(*shape: int) -> torch.Tensor:
-        return torch.empty(shape, device=device, dtype=dtype).uniform_(-0.02, 0.02)
+    def w(*shape: int) -> torch.Tensor | PanelWeight:
+        plain = torch.empty(shape, device=device, dtype=dtype).uniform_(-0.02, 0.02)
+        return panel_gemm.maybe_pack(plain, panels)
 
-    weights = {"qkv": w(h, cfg.q_size + 2 * cfg.kv_size), "o": w(cfg.q_size, h),
-               "router": w(h, cfg.num_experts),
-               "gate_up": w(num_experts, h, 2 * i), "down": w(num_experts, i, h)}
+    weights = {"qkv": w(cfg.q_size + 2 * cfg.kv_size, h), "o": w(h, cfg.q_size),
+               "router": torch.empty(cfg.num_experts, h, device=device,
+                                     dtype=dtype).uniform_(-0.02, 0.02),
+               "gate_up": w(num_experts, 2 * i, h), "down": w(num_experts, h, i)}
     if s:
-        weights["shared_gate_up"], weights["shared_down"] = w(h, 2 * s), w(s, h)
+        weights["shared_gate_up"], weights["shared_down"] = w(2 * s, h), w(h, s)
     return weights
-
-
-def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    g, u = (x @ gate_up).chunk(2, dim=-1)  # [R, I] each
-    return (F.silu(g) * u) @ down  # [R, H]
 
 
 def measure_gemm_line(cfg: ModelConfig, token_counts: tuple[int, ...] = (64, 256, 1024, 2048),
                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      repeats: int = 3, max_weight_bytes: int = 1 << 30) -> GemmMeasurement:
-    """Time one layer's GEMMs at each token count and fit seconds = intercept + slope · tokens."""
+                      repeats: int = 3, max_weight_bytes: int = 1 << 30,
+                      cpu_gemm: str = "auto") -> GemmMeasurement:
+    """Time one layer's GEMMs at each token count and fit seconds = intercept + slope · tokens.
+
+    cpu_gemm: as the expert service's --cpu-gemm (panel_gemm.resolve_mode)."""
     device = torch.device(device)
+    panels = panel_gemm.resolve_mode(cpu_gemm, device.type, dtype)
     elem = torch.finfo(dtype).bits // 8
     per_expert = 3 * cfg.hidden_size * cfg.expert_intermediate_size * elem
     timed = max(1, min(cfg.num_experts, max_weight_bytes // per_expert))
     scale = cfg.num_experts / timed
-    wts = _layer_weights(cfg, timed, device, dtype)
+    wts = _layer_weights(cfg, timed, device, dtype, panels)
     seconds = []
     for n in token_counts:
         rows = math.ceil(cfg.top_k * n / cfg.num_experts)
@@ -142,15 +147,15 @@ def measure_gemm_line(cfg: ModelConfig, token_counts: tuple[int, ...] = (64, 256
         xe = x[:rows] if rows <= n else x.repeat(math.ceil(rows / n), 1)[:rows]  # [r, H]
 
         def dense() -> None:
-            qkv = x @ wts["qkv"]  # [T, q + 2kv]
-            _ = qkv[:, :cfg.q_size] @ wts["o"]  # [T, H]
-            _ = x @ wts["router"]  # [T, E]
+            qkv = linear(x, wts["qkv"])  # [T, q + 2kv]
+            _ = linear(qkv[:, :cfg.q_size], wts["o"])  # [T, H]
+            _ = linear(x, wts["router"])  # [T, E]
             if "shared_gate_up" in wts:
-                _swiglu(x, wts["shared_gate_up"], wts["shared_down"])
+                swiglu(x, wts["shared_gate_up"], wts["shared_down"])
 
         def experts() -> None:
             for e in range(timed):
-                _swiglu(xe, wts["gate_up"][e], wts["down"][e])
+                swiglu(xe, wts["gate_up"][e], wts["down"][e])
 
         seconds.append(_best_time(dense, device, repeats)
                        + scale * _best_time(experts, device, repeats))

@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from moelens import panel_gemm
 from moelens.config import ModelConfig
+from moelens.panel_gemm import linear
 
 GEMM_KINDS = ("attention_proj", "router", "experts", "lm_head")
 """Classes of GEMM FLOPs in a job; the router is priced at the attention projections' rate
@@ -182,7 +183,7 @@ def job_gemm_flops(cfg: ModelConfig, pairs: list[tuple[int, int]]) -> JobFlops:
 
 @dataclass(frozen=True)
 class GemmRates:
-    """Best FLOP/s torch reached per kind on the model's shapes."""
+    """Best FLOP/s reached per kind on the model's shapes (F.linear or the panel GEMM)."""
 
     flops_per_s: dict[str, float]
     threads: int
@@ -206,26 +207,37 @@ def _rate(fn: Callable[[], object], flops: float, repeats: int) -> float:
 
 def measure_gemm_rates(cfg: ModelConfig, threads: int, rows: int = 4096, head_rows: int = 256,
                        repeats: int = 3) -> GemmRates:
-    """fp32 F.linear (the expert service's call) on the model's shapes at large M, minimum time
-    of `repeats` (the least-disturbed run on a shared machine is the hardware's best)."""
+    """The best fp32 GEMM rate this machine reaches on the model's shapes at large M: torch's
+    F.linear (MKL) and, where it runs, the panel GEMM the expert service uses on CPUs, whichever
+    is faster per kind; minimum time of `repeats` (the least-disturbed run on a shared machine
+    is the hardware's best)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     h, i = cfg.hidden_size, max(cfg.expert_intermediate_size, cfg.dense_intermediate_size)
+    kernels = [False] + ([True] if panel_gemm.is_supported() else [])
+    rates: dict[str, float] = {}
     try:
         x = torch.empty(rows, h).uniform_(-1, 1)  # [M, H]
         xi = torch.empty(rows, i).uniform_(-1, 1)  # [M, I]
         xq = torch.empty(rows, cfg.q_size).uniform_(-1, 1)  # [M, q]
-        qkv, o = _weights(cfg.q_size + 2 * cfg.kv_size, h), _weights(h, cfg.q_size)
-        gate_up, down = _weights(2 * i, h), _weights(h, i)
-        head, xh = _weights(cfg.vocab_size, h), x[:head_rows]
-        rates = {
-            "attention_proj": _rate(lambda: (F.linear(x, qkv), F.linear(xq, o)),
-                                    2.0 * rows * (qkv.numel() + o.numel()), repeats),
-            "experts": _rate(lambda: (F.linear(x, gate_up), F.linear(xi, down)),
-                             2.0 * rows * (gate_up.numel() + down.numel()), repeats),
-            "lm_head": _rate(lambda: F.linear(xh, head), 2.0 * xh.shape[0] * head.numel(),
-                             repeats),
-        }
+        xh = x[:head_rows]
+        plain = {"qkv": _weights(cfg.q_size + 2 * cfg.kv_size, h), "o": _weights(h, cfg.q_size),
+                 "gate_up": _weights(2 * i, h), "down": _weights(h, i),
+                 "head": _weights(cfg.vocab_size, h)}
+        for panels in kernels:
+            w = {name: panel_gemm.maybe_pack(t, panels) for name, t in plain.items()}
+            measured = {
+                "attention_proj": _rate(lambda: (linear(x, w["qkv"]), linear(xq, w["o"])),
+                                        2.0 * rows * (plain["qkv"].numel() + plain["o"].numel()),
+                                        repeats),
+                "experts": _rate(lambda: (linear(x, w["gate_up"]), linear(xi, w["down"])),
+                                 2.0 * rows * (plain["gate_up"].numel() + plain["down"].numel()),
+                                 repeats),
+                "lm_head": _rate(lambda: linear(xh, w["head"]),
+                                 2.0 * xh.shape[0] * plain["head"].numel(), repeats),
+            }
+            for kind, rate in measured.items():
+                rates[kind] = max(rates.get(kind, 0.0), rate)
     finally:
         torch.set_num_threads(previous)
     rates["router"] = rates["attention_proj"]

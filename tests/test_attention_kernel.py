@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelens import native
 from moelens.model import attention as reference
 from services.attention_cpu import kernel
 
@@ -206,7 +207,7 @@ def test_unbuildable_extension_falls_back_with_warning(tmp_path, monkeypatch):
     csrc.mkdir()
     (csrc / "paged_attention.cpp").write_text('#error "deliberately broken"\n')
     monkeypatch.setattr(kernel, "CSRC_DIR", csrc)
-    monkeypatch.setattr(kernel.platformdirs, "user_cache_dir", lambda name: str(tmp_path))
+    monkeypatch.setattr(native.platformdirs, "user_cache_dir", lambda name: str(tmp_path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert kernel.load_extension.__wrapped__(False) is None

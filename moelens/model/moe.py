@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moelens.panel_gemm import PanelWeight, linear
+
 
 @dataclass
 class Routing:
@@ -31,14 +33,17 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) 
     return Routing(weights=top_w.to(x.dtype), experts=top_e)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+Weight = torch.Tensor | PanelWeight  # plain, or packed for the CPU device's panel GEMM
+
+
+def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)). x: [T, H]; gate_up: [2I, H]; down: [H, I] -> [T, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
-    return F.linear(F.silu(gate) * up, down)
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
+    return linear(F.silu(gate) * up, down)
 
 
-def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
+def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: Weight,
+                    down: Weight) -> torch.Tensor:
     """Sum over each token's top-k experts of weight * expert(x), one GEMM per active expert.
 
     x: [T, H]; gate_up: [E, 2I, H]; down: [E, H, I] -> [T, H].

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from moelens.config import QK_NORM_FULL, QK_NORM_PER_HEAD, ModelConfig
 from moelens.model.moe import grouped_experts, route, swiglu
 from moelens.model.weights import LayerWeights, ModelWeights
+from moelens.panel_gemm import linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,7 +59,7 @@ def pre_attention(cfg: ModelConfig, lw: LayerWeights, hidden: torch.Tensor, posi
                   inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Norm, fused QKV, q/k norms, clip, RoPE. hidden: [T, H] -> q [T,Hq,D], k/v [T,Hkv,D]."""
     x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
-    qkv = F.linear(x, lw.qkv_proj, lw.qkv_bias)  # [T, Q + 2KV]
+    qkv = linear(x, lw.qkv_proj, lw.qkv_bias)  # [T, Q + 2KV]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q, k = _qk_norm(cfg, lw, q, k)
     if cfg.clip_qkv is not None:
@@ -84,7 +85,7 @@ def mlp(cfg: ModelConfig, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
 def post_attention(cfg: ModelConfig, lw: LayerWeights, hidden: torch.Tensor,
                    attn_out: torch.Tensor) -> torch.Tensor:
     """o_proj + residual, norm, MLP + residual. hidden: [T, H]; attn_out: [T, Hq, D] -> [T, H]."""
-    hidden = hidden + F.linear(attn_out.reshape(hidden.shape[0], -1), lw.o_proj)
+    hidden = hidden + linear(attn_out.reshape(hidden.shape[0], -1), lw.o_proj)
     return hidden + mlp(cfg, lw, rms_norm(hidden, lw.post_attention_norm, cfg.rms_norm_eps))
 
 
@@ -93,4 +94,4 @@ def final_logits(cfg: ModelConfig, weights: ModelWeights, hidden: torch.Tensor,
     """Final norm and lm_head only on the rows that emit a token. hidden: [T, H]; rows: [R]
     -> logits [R, V] in fp32."""
     x = rms_norm(hidden.index_select(0, rows), weights.final_norm, cfg.rms_norm_eps)
-    return F.linear(x, weights.lm_head).float()
+    return linear(x, weights.lm_head).float()

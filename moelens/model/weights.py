@@ -2,6 +2,9 @@
 
 Legend: H hidden, Q = heads*head_dim, KV = kv_heads*head_dim, E experts, I expert intermediate,
 Is shared-expert intermediate, Id dense-MLP intermediate, V vocab.
+
+On the expert service's CPU device the GEMM weights (projections, experts, lm_head) may be
+moelens.panel_gemm.PanelWeight instead of tensors: the same [.., N, K] weight, packed once.
 """
 
 from __future__ import annotations

@@ -3,24 +3,12 @@
 Shapes: R query rows, Hq query heads, Hkv KV heads, D head_dim, N pool blocks, B block_size,
 T new tokens. Semantics match `moelens.model.attention` (the reference and the fallback).
 
-The extension (csrc/) is compiled once per source/torch/Python version into
-`<user cache>/moe-lens/ext/<key>/`; later processes import the built library directly. A build
-happens in a temporary folder under an exclusive file lock and is renamed into place, so
-concurrent first starts neither corrupt nor duplicate each other and a killed build leaves no
-stale lock. If it cannot be built (no compiler, no OpenMP) the torch reference runs instead, with
-one warning.
+The extension (csrc/) is compiled on first use and cached (moelens.native). If it cannot be
+built (no compiler, no OpenMP) the torch reference runs instead, with one warning.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.util
-import os
-import platform
-import shutil
-import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,14 +16,12 @@ from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
-import platformdirs
 import torch
 
+from moelens import native
 from moelens.model import attention as reference
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
-LDFLAGS = ("-fopenmp",)
 # Only for a checking run (with libasan preloaded into Python), never in service.
 SANITIZE_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer")
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}
@@ -56,56 +42,9 @@ class KernelSettings:
 _settings = KernelSettings()
 
 
-def _build_key(cflags: tuple[str, ...]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(CSRC_DIR.iterdir()):
-        if path.suffix in (".cpp", ".h"):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    tags = (torch.__version__, sys.implementation.cache_tag, platform.machine(), *cflags)
-    digest.update("\0".join(tags).encode())
-    return digest.hexdigest()[:16]
-
-
-def _import_library(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _load_or_build(sanitize: bool) -> ModuleType:
-    from torch.utils import cpp_extension  # imported lazily: it is slow and rarely needed
-
-    cflags = CFLAGS + (SANITIZE_FLAGS if sanitize else ())
-    ldflags = LDFLAGS + (SANITIZE_FLAGS if sanitize else ())
-    key = _build_key(cflags)
-    name = f"moelens_attention_{key}"
-    root = Path(platformdirs.user_cache_dir("moe-lens")) / "ext"
-    final = root / key
-    library = final / f"{name}{cpp_extension.LIB_EXT}"
-    if library.exists():
-        return _import_library(name, library)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
-        if library.exists():  # another process built it while we waited
-            return _import_library(name, library)
-        for stale in root.glob(f"{key}.*"):  # left by a builder that was killed
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        build_dir = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root))
-        try:
-            module = cpp_extension.load(
-                name=name, sources=[str(CSRC_DIR / "paged_attention.cpp")],
-                extra_cflags=list(cflags), extra_ldflags=list(ldflags),
-                extra_include_paths=[str(CSRC_DIR)], build_directory=str(build_dir),
-                verbose=False)
-            os.rename(build_dir, final)
-        finally:
-            shutil.rmtree(build_dir, ignore_errors=True)
-    return module
+    extra = SANITIZE_FLAGS if sanitize else ()
+    return native.load_or_build("moelens_attention", CSRC_DIR, "paged_attention.cpp", extra, extra)
 
 
 @lru_cache(maxsize=None)

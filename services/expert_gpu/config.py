@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 TRANSPORTS = ("shm", "grpc")
+CPU_GEMMS = ("auto", "panels", "torch")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -26,6 +27,9 @@ class ExpertConfig:
     """Activation transport: shm (same host as the attention service) or grpc."""
     max_num_tokens: int = 8192
     """Most tokens one step computes (sizes the workspace reservation)."""
+    cpu_gemm: str = "auto"
+    """CPU device GEMMs: "panels" (weights packed once for moelens.panel_gemm), "torch"
+    (F.linear, i.e. MKL), or "auto" (panels where they are the faster choice)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -40,6 +44,8 @@ class ExpertConfig:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise ValueError(f"--cpu-gemm must be one of {CPU_GEMMS}, got {self.cpu_gemm!r}")
         if self.max_num_tokens < 1:
             raise ValueError(f"--max-num-tokens must be >= 1, got {self.max_num_tokens}")
 

@@ -16,40 +16,55 @@ from dataclasses import dataclass
 
 import torch
 
+from moelens import panel_gemm
 from moelens.model.weights import LayerWeights
 
 PACKET_BYTES = 100 * 2**20
+ALIGN = 16  # elements: every tensor starts on a 64-byte boundary (fp32)
+# The GEMM weights, stored as panel_gemm panels when the CPU device uses the panel kernel.
+PANEL_FIELDS = frozenset({"qkv_proj", "o_proj", "experts_gate_up", "experts_down",
+                          "shared_gate_up", "shared_down", "dense_gate_up", "dense_down"})
 
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Where each tensor of a layer sits in its flat buffer: name -> (offset, shape)."""
+    """Where each tensor of a layer sits in its flat buffer: (name, offset, stored shape, N).
 
-    entries: tuple[tuple[str, int, tuple[int, ...]], ...]
+    N > 0 marks a GEMM weight stored as panels [..., P, K, 16] with N output features."""
+
+    entries: tuple[tuple[str, int, tuple[int, ...], int], ...]
     numel: int
 
     @classmethod
-    def of(cls, layer: LayerWeights) -> "PackedLayout":
+    def of(cls, layer: LayerWeights, panels: bool = False) -> "PackedLayout":
         entries, offset = [], 0
         for name, t in layer.tensors().items():
-            entries.append((name, offset, tuple(t.shape)))
-            offset += t.numel()
+            out_features = t.shape[-2] if panels and name in PANEL_FIELDS else 0
+            shape = panel_gemm.packed_shape(t.shape) if out_features else tuple(t.shape)
+            entries.append((name, offset, shape, out_features))
+            offset += -(-_numel(shape) // ALIGN) * ALIGN
         return cls(tuple(entries), offset)
 
     def pack(self, layer: LayerWeights, out: torch.Tensor) -> torch.Tensor:
         tensors = layer.tensors()
-        for name, offset, shape in self.entries:
-            out[offset:offset + tensors[name].numel()].copy_(tensors[name].reshape(-1))
+        for name, offset, shape, out_features in self.entries:
+            stored = panel_gemm.pack(tensors[name]).panels if out_features else tensors[name]
+            out[offset:offset + stored.numel()].copy_(stored.reshape(-1))
         return out
 
     def unpack(self, flat: torch.Tensor) -> LayerWeights:
         views = {}
-        for name, offset, shape in self.entries:
-            n = 1
-            for s in shape:
-                n *= s
-            views[name] = flat[offset:offset + n].view(shape)
+        for name, offset, shape, out_features in self.entries:
+            view = flat[offset:offset + _numel(shape)].view(shape)
+            views[name] = panel_gemm.PanelWeight(view, out_features) if out_features else view
         return LayerWeights(**views)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 class _Slot:
@@ -65,10 +80,10 @@ class _Slot:
 
 class LayerStore:
     def __init__(self, host_layers: list[LayerWeights], device: torch.device,
-                 num_resident: int):
+                 num_resident: int, panels: bool = False):
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.layouts = [PackedLayout.of(layer) for layer in host_layers]
+        self.layouts = [PackedLayout.of(layer, panels) for layer in host_layers]
         self.host_flat = [self._pack_host(l, lay) for l, lay in zip(host_layers, self.layouts)]
         self.num_resident = num_resident
         self.resident = [lay.unpack(flat.to(device))
@@ -91,7 +106,7 @@ class LayerStore:
 
     def _pack_host(self, layer: LayerWeights, layout: PackedLayout) -> torch.Tensor:
         dtype = next(iter(layer.tensors().values())).dtype
-        flat = layout.pack(layer, torch.empty(layout.numel, dtype=dtype))
+        flat = layout.pack(layer, torch.zeros(layout.numel, dtype=dtype))
         return flat.pin_memory() if self.is_cuda else flat
 
     @property

@@ -13,7 +13,8 @@ from moelens.service_args import (add_common_arguments, configure_logging, defau
                                   resolve_model, write_port_file)
 from moelens.v1 import expert_pb2, expert_pb2_grpc
 from services.expert_gpu.metrics import ExpertMetrics
-from services.expert_gpu.config import TRANSPORTS, ExpertConfig, resolve_device, resolve_dtype
+from services.expert_gpu.config import (CPU_GEMMS, TRANSPORTS, ExpertConfig, resolve_device,
+                                        resolve_dtype)
 from services.expert_gpu.servicer import ExpertServicer
 from services.expert_gpu.worker import ExpertWorker
 
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", default="shm", choices=TRANSPORTS)
     parser.add_argument("--max-num-tokens", type=int, default=8192,
                         help="most tokens per step (sizes the workspace reservation)")
+    parser.add_argument("--cpu-gemm", default="auto", choices=CPU_GEMMS,
+                        help="CPU device GEMMs: panels (weights packed once at load), torch "
+                             "(F.linear), auto (panels on AVX2 CPUs)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExpertConfig:
@@ -43,7 +47,8 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
                         dtype=resolve_dtype(args.dtype, device),
                         device_memory_gb=args.device_memory_gb,
                         num_threads=args.num_threads or default_num_threads(),
-                        transport=args.transport, max_num_tokens=args.max_num_tokens)
+                        transport=args.transport, max_num_tokens=args.max_num_tokens,
+                        cpu_gemm=args.cpu_gemm)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
                             info.layer_gemm.intercept_s)
     handle.set_serving(True)
     write_port_file(args.port_file, handle.port)
-    log.info("expert service on %s:%d: %s %s, %d resident + %d streamed layers, "
+    log.info("expert service on %s:%d: %s %s (%s GEMMs), %d resident + %d streamed layers, "
              "h2d %.1f GB/s, layer GEMM %.3g s + %.3g s/token", args.host, handle.port,
-             config.device, config.dtype, info.num_resident_layers, info.num_streamed_layers,
+             config.device, config.dtype, "panel" if worker.panels else "torch",
+             info.num_resident_layers, info.num_streamed_layers,
              info.h2d_bytes_per_s / 1e9, info.layer_gemm.intercept_s, info.layer_gemm.slope_s)
     wait_for_termination(handle, on_stop=worker.close)
     return 0

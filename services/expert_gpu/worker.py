@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from moelens import panel_gemm
 from moelens.checkpoint import load_weights
 from moelens.errors import InvalidArgument
 from moelens.model.stages import rope_inv_freq
@@ -41,11 +42,12 @@ class ExpertWorker:
         self.num_resident = plan_residency([lw.num_bytes() for lw in host.layers], fixed_bytes,
                                            workspace_bytes(self.cfg, config.max_num_tokens, itemsize),
                                            budget)
-        self.store = LayerStore(host.layers, self.device, self.num_resident)
+        self.panels = panel_gemm.resolve_mode(config.cpu_gemm, config.device, config.torch_dtype)
+        self.store = LayerStore(host.layers, self.device, self.num_resident, self.panels)
         embed = host.embed.to(self.device)
+        lm_head = embed if host.lm_head is host.embed else host.lm_head.to(self.device)
         self.weights = ModelWeights(embed=embed, final_norm=host.final_norm.to(self.device),
-                                    lm_head=embed if host.lm_head is host.embed
-                                    else host.lm_head.to(self.device))
+                                    lm_head=panel_gemm.maybe_pack(lm_head, self.panels))
         self.weight_bytes_total = host.num_bytes()
         self.attention = AttentionClient(config.attention_address, config.transport)
         self.runner = StepRunner(self.cfg, self.weights, self.store, self.attention, self.device,
