@@ -2,16 +2,19 @@
 
 For each configuration of a fixed grid (prompt 32…512, generation 16…256, jobs of tens to
 hundreds of requests, KV caches that bind and ones that do not) the services are started (once
-per KV size: it is a start flag), and then, point by point, close together:
+per KV size: it is a start flag), and then, point by point:
 
-1. the services re-measure their hardware profile (the expert and attention Warmup RPCs);
-2. the system's StepOverheads are measured (bench_validate_calibrate: two calibration jobs and
-   a prefill-attention timing, never the point's own job);
-3. the model predicts the job's total tokens/s from that profile, those overheads and the
+1. the environment is measured: the services re-measure their hardware profile (the expert's
+   Warmup RPC, which re-runs the attention service's, `--warmups` times) and five calibration
+   jobs run (bench_validate_calibrate; never the point's own job);
+2. the job runs: every request submitted at once, random prompt ids, greedy, ignore_eos,
+   min_tokens = max_tokens = gen_len; measured T = (prompt + generated tokens) / wall time;
+3. the environment is measured again, so the measurements bracket the job in time (the machine
+   is shared and its load drifts); the profile is the median of both sets of warmups, the
+   StepOverheads are fitted to both calibration runs merged;
+4. the model predicts the job's total tokens/s from that profile, those overheads and the
    deployment the services report (KV blocks, block size, the coordinator's token budget, the
-   running-sequence cap), replaying the coordinator's scheduler (Prediction.stage2_scheduled);
-4. the job runs: every request submitted at once, random prompt ids, greedy, ignore_eos,
-   min_tokens = max_tokens = gen_len; measured T = (prompt + generated tokens) / wall time.
+   running-sequence cap), replaying the coordinator's scheduler (Prediction.stage2_scheduled).
 
 accuracy = 1 − |predicted − measured| / measured, per point, then mean and worst.
 """
@@ -34,7 +37,8 @@ from moelens.config import ModelConfig, load_config
 from moelens.v1 import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
 from moelens_cli import bench_common as common
 from moelens_cli import bench_validate_report as report
-from moelens_cli.bench_validate_calibrate import (measure_overheads, run_calibration,
+from moelens_cli.bench_validate_calibrate import (fit_overheads, merge_calibrations,
+                                                  run_calibration, run_calibrations,
                                                   scrape_steps)
 from moelens_cli.launch_options import LaunchOptions
 from moelens_cli.launcher import ServiceStartError, sigterm_as_interrupt, start_local_services
@@ -163,9 +167,9 @@ def median_profile(profiles: list):
             "host_memory_bandwidth_bytes_per_s", "exchange_fixed_s", "exchange_s_per_byte")})
 
 
-def _warm_profile(cfg: ModelConfig, expert, attention, num_warmups: int):
+def _warm_profiles(cfg: ModelConfig, expert, attention, num_warmups: int) -> tuple[list, object]:
     """Re-measure the profile now, `num_warmups` times (the expert's Warmup also re-runs the
-    attention service's), and keep each measurement's median."""
+    attention service's); the profiles and a LiveLens built from their median."""
     from services.coordinator.lens import LiveLens, profile_from_services
     profiles = []
     for _ in range(num_warmups):
@@ -173,8 +177,7 @@ def _warm_profile(cfg: ModelConfig, expert, attention, num_warmups: int):
         e = expert.Info(expert_pb2.ExpertInfoRequest(), timeout=30)
         a = attention.Info(attention_pb2.AttentionInfoRequest(), timeout=30)
         profiles.append(profile_from_services(cfg, e, a))
-    profile = median_profile(profiles)
-    return profile, LiveLens.build(cfg, profile, e, a)
+    return profiles, LiveLens.build(cfg, median_profile(profiles), e, a)
 
 
 def _run_job(client, point: GridPoint, vocab_size: int, seed: int) -> float:
@@ -203,22 +206,35 @@ def _phases_since(url: str, before: dict[str, float], wall: float) -> dict[str, 
     return phases
 
 
+def _measure_environment(ctx: dict, seed: int) -> tuple[list, list]:
+    """Warmup profiles and calibration jobs, measured now."""
+    args = ctx["args"]
+    profiles, lens = _warm_profiles(ctx["cfg"], ctx["expert"], ctx["attention"], args.warmups)
+    jobs = run_calibrations(ctx["client"], ctx["metrics_url"], ctx["deployment"](lens),
+                            ctx["cfg"].vocab_size, seed)
+    return profiles, jobs
+
+
 def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResult:
+    """Environment before, the job, environment after; predict from both measurements."""
     from services.coordinator.perf_model import Workload, predict
     args, cfg, client = ctx["args"], ctx["cfg"], ctx["client"]
     load_before = os.getloadavg()[0]
-    profile, lens = _warm_profile(cfg, ctx["expert"], ctx["attention"], args.warmups)
-    info = client.server_info()
-    deployment = replace(lens.deployment, token_budget=info.token_budget,
-                         max_num_seqs=args.max_num_seqs)
-    overheads = measure_overheads(client, ctx["metrics_url"], lens.spec, profile, deployment,
-                                  cfg.vocab_size, seed=args.seed + 1000 + index)
-    workload = Workload(point.prompt_len, point.gen_len, point.num_requests)
-    pred = predict(lens.spec, profile, workload, deployment, overheads, replay=True)
-    bare = predict(lens.spec, profile, workload, deployment, replay=True)
+    preempted_before = client.server_info().num_preemptions
+    profiles, jobs = _measure_environment(ctx, args.seed + 1000 + index)
     before = scrape_steps(ctx["metrics_url"])
     wall = _run_job(client, point, cfg.vocab_size, args.seed + index)
     measured_phases = _phases_since(ctx["metrics_url"], before, wall)
+    preempted = client.server_info().num_preemptions - preempted_before
+    more_profiles, more_jobs = _measure_environment(ctx, args.seed + 2000 + index)
+    profile = median_profile(profiles + more_profiles)
+    lens = ctx["lens"](profile)
+    deployment = ctx["deployment"](lens)
+    overheads = fit_overheads(merge_calibrations([jobs, more_jobs]), 2, lens.spec, profile,
+                              deployment)
+    workload = Workload(point.prompt_len, point.gen_len, point.num_requests)
+    pred = predict(lens.spec, profile, workload, deployment, overheads, replay=True)
+    bare = predict(lens.spec, profile, workload, deployment, replay=True)
     tokens = point.num_requests * (point.prompt_len + point.gen_len)
     scheduled = pred.stage2_scheduled
     return report.PointResult(
@@ -228,8 +244,7 @@ def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResul
         kernels_only_tokens_per_s=bare.stage2_scheduled.total_tokens_per_s,
         fluid_tokens_per_s=pred.stage2.total_tokens_per_s, wall_s=wall,
         predicted_iterations=scheduled.num_iterations,
-        predicted_preemptions=scheduled.num_preemptions,
-        measured_preemptions=client.server_info().num_preemptions - info.num_preemptions,
+        predicted_preemptions=scheduled.num_preemptions, measured_preemptions=preempted,
         load_average=(load_before + os.getloadavg()[0]) / 2,
         is_capacity_bound=point.is_capacity_bound(args.max_num_seqs),
         profile=profile.to_dict(), overheads=vars(overheads),
@@ -258,8 +273,14 @@ def _run_group(args, cfg: ModelConfig, model: str, kv_tokens: int, points: list[
         # reuse, and the first point should not pay for it.
         run_calibration(client, f"http://127.0.0.1:{port}/metrics", cfg.vocab_size,
                         args.max_num_seqs, 64, 16, args.seed + 999)
+        budget = client.server_info().token_budget
         ctx = dict(args=args, cfg=cfg, client=client, expert=expert, attention=attention,
                    metrics_url=f"http://127.0.0.1:{port}/metrics", kv_gb=kv_gb)
+        first_lens = _warm_profiles(cfg, expert, attention, 1)[1]
+        # Same spec and deployment for every profile: what the services report at start.
+        ctx["lens"] = lambda profile: replace(first_lens, profile=profile)
+        ctx["deployment"] = lambda lens: replace(lens.deployment, token_budget=budget,
+                                                 max_num_seqs=args.max_num_seqs)
         for offset, point in enumerate(points):
             result = _measure_point(ctx, point, first_index + offset)
             print(report.format_row(result), flush=True)

@@ -120,42 +120,64 @@ def run_calibration(client, metrics_url: str, vocab_size: int, num_seqs: int, pr
     return CalibrationJob(wall, after.get("steps", 0) - before.get("steps", 0), phases)
 
 
-def measure_overheads(client, metrics_url: str, spec, profile, deployment, vocab_size: int,
-                      seed: int = 0) -> StepOverheads:
-    """StepOverheads from calibration jobs A…E (see the module docstring)."""
-    from services.coordinator.perf_model import Workload, predict
+def calibration_shapes(deployment) -> list[tuple[int, int, int]]:
+    """(prompt_len, gen_len, requests) of calibration jobs A…E for this deployment."""
     num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
     long_prompt = min(deployment.token_budget or LONG_PROMPT, LONG_PROMPT)
     p, g = CALIBRATION_PROMPT, CALIBRATION_GEN
-    one = run_calibration(client, metrics_url, vocab_size, 1, p, g, seed)
-    many = run_calibration(client, metrics_url, vocab_size, num_seqs, p, g, seed + 1)
-    shapes = [(p, 1), (p, num_seqs)]
-    jobs = [one, many]
-    for per_step in PROMPTS_PER_STEP:
-        length, count = long_prompt // per_step, per_step * PREFILL_STEPS
-        jobs.append(run_calibration(client, metrics_url, vocab_size, count, length, 1,
-                                    seed + 2 + len(jobs)))
-        shapes.append((length, count))
-    seconds = [job.phase_s.get("prefill_attention", 0.0) / spec.num_layers for job in jobs]
-    per_call, per_token, per_flop = fit_prefill_attention(shapes, seconds, spec.q_size)
+    return [(p, g, 1), (p, g, num_seqs)] + [
+        (long_prompt // per_step, 1, per_step * PREFILL_STEPS) for per_step in PROMPTS_PER_STEP]
+
+
+def run_calibrations(client, metrics_url: str, deployment, vocab_size: int,
+                     seed: int = 0) -> list[CalibrationJob]:
+    """Run calibration jobs A…E once each, in order."""
+    return [run_calibration(client, metrics_url, vocab_size, k, p, g, seed + i)
+            for i, (p, g, k) in enumerate(calibration_shapes(deployment))]
+
+
+def merge_calibrations(runs: list[list[CalibrationJob]]) -> list[CalibrationJob]:
+    """Several runs of the same jobs as one (times add: a run twice as long)."""
+    merged = []
+    for jobs in zip(*runs):
+        phases: dict[str, float] = {}
+        for job in jobs:
+            for name, value in job.phase_s.items():
+                phases[name] = phases.get(name, 0.0) + value
+        merged.append(CalibrationJob(sum(j.wall_s for j in jobs),
+                                     sum(j.num_steps for j in jobs), phases))
+    return merged
+
+
+def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
+                  deployment) -> StepOverheads:
+    """StepOverheads from calibration jobs A…E (`repeats` runs merged; see the module
+    docstring)."""
+    from services.coordinator.perf_model import Workload, predict
+    shapes = calibration_shapes(deployment)
+    num_seqs = shapes[1][2]
+    lengths = [(p, k) for p, _, k in shapes]
+    seconds = [job.phase_s.get("prefill_attention", 0.0) / spec.num_layers / repeats
+               for job in jobs]
+    per_call, per_token, per_flop = fit_prefill_attention(lengths, seconds, spec.q_size)
     kernels = StepOverheads(prefill_attention_s_per_seq=per_call,
                             prefill_attention_s_per_token=per_token,
                             prefill_attention_s_per_flop=per_flop)
-    workloads = [Workload(p, g, 1), Workload(p, g, num_seqs)] + \
-        [Workload(length, 1, count) for length, count in shapes[2:]]
 
     def modelled(index: int, overheads: StepOverheads):
-        return predict(spec, profile, workloads[index], deployment, overheads,
+        p, g, k = shapes[index]
+        return predict(spec, profile, Workload(p, g, k), deployment, overheads,
                        replay=True).stage2_scheduled
 
-    predicted_gemm = sum(modelled(i, kernels).components_s["gemm"] for i in range(len(jobs)))
+    predicted_gemm = repeats * sum(modelled(i, kernels).components_s["gemm"]
+                                   for i in range(len(jobs)))
     measured_gemm = sum(job.phase_s.get("gemm", 0.0) for job in jobs)
     if predicted_gemm > 0 and measured_gemm > 0:
         kernels = replace(kernels, gemm_scale=measured_gemm / predicted_gemm)
 
     def residual(index: int) -> float:
         run = modelled(index, kernels)
-        return (jobs[index].wall_s - run.total_time_s) / run.num_iterations
+        return (jobs[index].wall_s / repeats - run.total_time_s) / run.num_iterations
 
     r_one, r_many = residual(0), residual(1)
     per_seq = max(0.0, (r_many - r_one) / (num_seqs - 1))
