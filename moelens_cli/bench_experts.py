@@ -4,6 +4,8 @@
 per expert; `gather_experts_per_token` copies each pair's expert weights and runs a batch of
 [1, H] products (the per-token path). Both get the same inputs and routing; the table gives
 milliseconds per MoE layer, the speedup and the largest difference between their outputs.
+The grouped path runs twice: with torch's F.linear (MKL) and, where the CPU has AVX2+FMA, with
+the weights packed for moelens.panel_gemm (what the expert service runs on such CPUs).
 
 The gather path copies 3·H·I weights per pair, so it runs in chunks of tokens whose copies fit
 --max-gather-gb, and is skipped above --max-gather-tokens (it would take minutes).
@@ -20,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from moelens import panel_gemm
 from moelens.model.moe import Routing, gather_experts_per_token, grouped_experts, route
 from moelens_cli.bench_common import write_json
 
@@ -49,7 +52,13 @@ class ExpertRow:
     """None where the gather path was skipped (too many tokens)."""
     speedup: float | None
     max_abs_diff: float | None
+    """Largest difference of the gather and panel outputs from the grouped torch output."""
     grouped_gflops: float
+    panels_ms: float | None = None
+    """grouped_experts with panel-packed weights; None where the panel GEMM cannot run."""
+    panels_gflops: float | None = None
+    panels_speedup: float | None = None
+    """grouped_ms / panels_ms."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +101,8 @@ def bench_shape(shape: ExpertShape, token_counts: list[int], args: argparse.Name
     gate_up = torch.randn(e, 2 * i, h, generator=gen) * h ** -0.5  # [E, 2I, H]
     down = torch.randn(e, h, i, generator=gen) * i ** -0.5  # [E, H, I]
     router = torch.randn(e, h, generator=gen) * h ** -0.5  # [E, H]
+    packed = (panel_gemm.pack(gate_up), panel_gemm.pack(down)) if panel_gemm.is_supported() \
+        else None
     pair_bytes = 3 * h * i * 4
     chunk = max(1, int(args.max_gather_gb * 2 ** 30 // (pair_bytes * shape.top_k)))
     rows = []
@@ -100,23 +111,30 @@ def bench_shape(shape: ExpertShape, token_counts: list[int], args: argparse.Name
         routing = route(x, router, shape.top_k, renormalize=True)
         grouped_ms, grouped = _best_ms(lambda: grouped_experts(x, routing, gate_up, down),
                                        args.repeats)
-        gflops = 2.0 * t * shape.top_k * 3 * h * i / (grouped_ms * 1e6)
-        gather_ms = speedup = diff = None
+        flops = 2.0 * t * shape.top_k * 3 * h * i
+        row = ExpertRow(shape.name, t, grouped_ms, None, None, None, flops / (grouped_ms * 1e6))
+        if packed is not None:
+            row.panels_ms, paneled = _best_ms(lambda: grouped_experts(x, routing, *packed),
+                                              args.repeats)
+            row.panels_gflops = flops / (row.panels_ms * 1e6)
+            row.panels_speedup = grouped_ms / row.panels_ms
+            row.max_abs_diff = float((paneled - grouped).abs().max())
         if t <= args.max_gather_tokens:
             # one timed run when a run takes seconds: the comparison is not close
             repeats = 1 if t * shape.top_k * pair_bytes > 4 * 2 ** 30 else args.repeats
-            gather_ms, gathered = _best_ms(
+            row.gather_ms, gathered = _best_ms(
                 lambda: _chunked_gather(x, routing, gate_up, down, chunk), repeats)
-            speedup = gather_ms / grouped_ms
-            diff = float((gathered - grouped).abs().max())
-        rows.append(ExpertRow(shape.name, t, grouped_ms, gather_ms, speedup, diff, gflops))
-        print(format_row(rows[-1]), flush=True)
+            row.speedup = row.gather_ms / grouped_ms
+            row.max_abs_diff = max(row.max_abs_diff or 0.0,
+                                   float((gathered - grouped).abs().max()))
+        rows.append(row)
+        print(format_row(row), flush=True)
     return rows
 
 
 def format_header() -> str:
     return (f"{'shape':<14} {'tokens':>6} {'grouped ms':>11} {'GFLOP/s':>8} {'gather ms':>11} "
-            f"{'speedup':>8} {'max|diff|':>10}")
+            f"{'speedup':>8} {'max|diff|':>10} {'panels ms':>10} {'GFLOP/s':>8} {'vs torch':>9}")
 
 
 def format_row(row: ExpertRow) -> str:
@@ -125,7 +143,8 @@ def format_row(row: ExpertRow) -> str:
 
     return (f"{row.shape:<14} {row.tokens:>6} {row.grouped_ms:>11.2f} {row.grouped_gflops:>8.1f} "
             f"{opt(row.gather_ms, '.2f'):>11} {opt(row.speedup, '.1f'):>8} "
-            f"{opt(row.max_abs_diff, '.1e'):>10}")
+            f"{opt(row.max_abs_diff, '.1e'):>10} {opt(row.panels_ms, '.2f'):>10} "
+            f"{opt(row.panels_gflops, '.1f'):>8} {opt(row.panels_speedup, '.2f'):>9}")
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[ExpertShape], list[int]]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from moelens import panel_gemm
 from moelens.config import load_config
 from moelens.stats import StepStats, StepTimings
 from moelens_cli import bench_common as common
@@ -227,6 +228,8 @@ def test_bench_experts_compares_against_the_gather_path(tmp_path, capsys):
     assert [r["tokens"] for r in rows] == [4, 32]
     assert rows[0]["max_abs_diff"] < 1e-4 and rows[0]["speedup"] > 0
     assert rows[1]["gather_ms"] is None  # above --max-gather-tokens
+    if panel_gemm.is_supported():
+        assert rows[1]["panels_ms"] > 0 and rows[1]["max_abs_diff"] < 1e-4
     assert "skipped" in capsys.readouterr().out
     assert cli_main(["bench", "experts", "--shapes", "huge"]) == 2
 

@@ -1,10 +1,13 @@
-"""Grouped expert GEMMs against the slow loop-over-experts reference."""
+"""Grouped expert GEMMs against the slow loop-over-experts reference; batched prefill attention
+against one call per sequence."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from moelens.model.attention import prefill_attention
 from moelens.model.moe import (Routing, gather_experts_per_token, grouped_experts,
                                loop_experts_reference, route)
 
@@ -42,3 +45,19 @@ def test_route_renormalisation():
     assert torch.allclose(route(x, router, 2, True).weights.sum(-1), torch.ones(5))
     probs = torch.softmax(x @ router.T, -1)
     assert torch.allclose(route(x, router, 2, False).weights, probs.topk(2).values)
+
+
+def test_prefill_attention_groups_lengths_like_one_call_per_sequence():
+    gen = torch.Generator().manual_seed(11)
+    lengths = [5, 3, 5, 1, 3, 5, 7]
+    q = torch.randn(sum(lengths), 8, 16, generator=gen)
+    k, v = torch.randn(2, sum(lengths), 2, 16, generator=gen)
+    expected, start = [], 0
+    for n in lengths:  # the plain definition: each sequence alone, KV heads repeated
+        qs = q[start:start + n].transpose(0, 1)
+        ks, vs = (t[start:start + n].transpose(0, 1).repeat_interleave(4, 0) for t in (k, v))
+        expected.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                       scale=0.3).transpose(0, 1))
+        start += n
+    got = prefill_attention(q, k, v, lengths, 0.3)
+    assert torch.allclose(got, torch.cat(expected), atol=1e-6)

@@ -43,9 +43,9 @@ bool cpu_supported() {
 #endif
 }
 
-// Rows [m0, m0 + mc) x columns [k0, k0 + kc) of x as micro-panels [ceil(mc / 6)][kc][6], rows past
-// mc zero. Micro-panels are shared out over the calling team.
-void pack_x(const float* x, int64_t K, int64_t m0, int mc, int64_t k0, int kc, float* out) {
+// Rows [m0, m0 + mc) x columns [k0, k0 + kc) of x (row stride lda) as micro-panels
+// [ceil(mc / 6)][kc][6], rows past mc zero. Micro-panels are shared out over the calling team.
+void pack_x(const float* x, int64_t lda, int64_t m0, int mc, int64_t k0, int kc, float* out) {
   const int panels = (mc + MR - 1) / MR;
 #pragma omp for schedule(static)
   for (int mp = 0; mp < panels; ++mp) {
@@ -56,7 +56,7 @@ void pack_x(const float* x, int64_t K, int64_t m0, int mc, int64_t k0, int kc, f
         for (int k = 0; k < kc; ++k) o[k * MR + r] = 0.f;
         continue;
       }
-      const float* src = x + (m0 + mp * MR + r) * K + k0;
+      const float* src = x + (m0 + mp * MR + r) * lda + k0;
       for (int k = 0; k < kc; ++k) o[k * MR + r] = src[k];
     }
   }
@@ -114,7 +114,7 @@ __attribute__((target("avx2,fma"))) void micro_kernel(const float* __restrict a,
 }
 #endif
 
-void run(const float* x, const float* wp, float* y, int64_t M, int64_t N, int64_t K,
+void run(const float* x, int64_t lda, const float* wp, float* y, int64_t M, int64_t N, int64_t K,
          int num_threads) {
 #if MOELENS_PANEL_X86
   const int64_t P = (N + NR - 1) / NR;
@@ -129,7 +129,7 @@ void run(const float* x, const float* wp, float* y, int64_t M, int64_t N, int64_
       const int mc = int(std::min<int64_t>(MC, M - m0));
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int kc = int(std::min<int64_t>(KC, K - k0));
-        pack_x(x, K, m0, mc, k0, kc, xp);  // ends with the team's barrier
+        pack_x(x, lda, m0, mc, k0, kc, xp);  // ends with the team's barrier
         for (int64_t p = p0; p < p1; ++p) {
           const float* panel = wp + (p * K + k0) * NR;
           const int cols = int(std::min<int64_t>(NR, N - p * NR));
@@ -161,15 +161,16 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t ou
                     " output features");
   TORCH_CHECK_VALUE(num_threads >= 1, "panel GEMM: num_threads must be >= 1");
   TORCH_CHECK_VALUE(cpu_supported(), "panel GEMM needs a CPU with AVX2 and FMA");
-  const auto xc = x.contiguous();
+  // Rows may be strided (e.g. the gate half of a [M, 2I] activation); elements must not be.
+  const auto xc = x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
   const auto wc = wp.contiguous();
   auto y = torch::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0) return y;
   if (x.size(1) == 0) return y.zero_();
   {
     pybind11::gil_scoped_release no_gil;
-    run(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
-        out_features, x.size(1), int(num_threads));
+    run(xc.data_ptr<float>(), xc.stride(0), wc.data_ptr<float>(), y.data_ptr<float>(),
+        x.size(0), out_features, x.size(1), int(num_threads));
   }
   return y;
 }

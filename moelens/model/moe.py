@@ -38,8 +38,8 @@ Weight = torch.Tensor | PanelWeight  # plain, or packed for the CPU device's pan
 
 def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)). x: [T, H]; gate_up: [2I, H]; down: [H, I] -> [T, H]."""
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
-    return linear(F.silu(gate) * up, down)
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each, views of one [T, 2I]
+    return linear(F.silu(gate, inplace=True).mul_(up), down)  # in place: no [T, I] temporaries
 
 
 def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: Weight,
