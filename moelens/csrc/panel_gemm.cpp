@@ -4,8 +4,9 @@
 // Why: a decode step gives each expert only tens of rows. MKL repacks W on every call, which at
 // M = 64 costs about as much as the multiply itself; with W already in panel order the only
 // per-call packing is x's, M·K floats. The 6x16 micro-kernel (12 ymm accumulators, two panel
-// loads and six broadcasts per k) is the classic AVX2 register block; on Zen 3 it runs at ~90% of
-// one core's FMA peak from M = 128 and 1.6-2x MKL at M = 16-64 (moe-lens bench experts).
+// loads and six broadcasts per k) is the classic AVX2 register block. On the Zen 3 dev machine a
+// bench-mixtral MoE layer runs 3.1x / 1.45x / 1.04x faster than with MKL at 4 / 64 / 1024 rows
+// per expert (moe-lens bench experts).
 //
 // Blocking: x is packed per (MC rows, KC columns) block into 6-row micro-panels [KC][6] that sit
 // in L1 while one W panel slice streams through from L2 (KC = 1024 rows of 64 B: each slice is
