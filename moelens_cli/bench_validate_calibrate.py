@@ -13,13 +13,10 @@ own phase timers (the coordinator's /metrics):
 
 Prefill attention: the prefill_attention phase of A…E per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
-In-situ GEMM scale: the expert's gemm phase / what the profile's GEMM line prices for the same
-jobs, once over A and B (decode iterations of 1 and `num_seqs` tokens) and once over C…E
-(512-token iterations); the model moves linearly from one to the other between `num_seqs` and
-512 tokens. The warmup times one layer over and over with the other services idle; inside a
+In-situ GEMM scale: the expert's gemm phase over A…E / what the profile's GEMM line prices for
+the same jobs. The warmup times one layer over and over with the other services idle; inside a
 job each layer's weights come back from memory and the coordinator, the clients' gRPC streams
-and the attention service run between the GEMMs on the same cores, and how much that costs
-depends on the iteration's size (measured: decode-sized iterations ~10-15% less than prefill).
+and the attention service run between the GEMMs on the same cores.
 Step overhead: per iteration of A and B, wall time minus what the model prices for the same job
 (its scheduler replay with the prefill-attention fit and the GEMM scale): the coordinator's
 Python, the Step RPC, sampling, embedding, and what the exchange costs beyond its warmup round
@@ -172,18 +169,11 @@ def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
         return predict(spec, profile, Workload(p, g, k), deployment, overheads,
                        replay=True).stage2_scheduled
 
-    def gemm_scale(indices) -> float | None:
-        predicted = repeats * sum(modelled(i, kernels).components_s["gemm"] for i in indices)
-        measured = sum(jobs[i].phase_s.get("gemm", 0.0) for i in indices)
-        return measured / predicted if predicted > 0 and measured > 0 else None
-
-    decode_scale, prefill_scale = gemm_scale((0, 1)), gemm_scale(range(2, len(jobs)))
-    prefill_tokens = shapes[2][0]  # C: one prompt filling the budget per iteration
-    if decode_scale and prefill_scale and num_seqs < prefill_tokens:
-        kernels = replace(kernels, gemm_scale=prefill_scale, gemm_scale_small=decode_scale,
-                          gemm_scale_tokens=(float(num_seqs), float(prefill_tokens)))
-    elif scale := gemm_scale(range(len(jobs))):
-        kernels = replace(kernels, gemm_scale=scale)
+    predicted_gemm = repeats * sum(modelled(i, kernels).components_s["gemm"]
+                                   for i in range(len(jobs)))
+    measured_gemm = sum(job.phase_s.get("gemm", 0.0) for job in jobs)
+    if predicted_gemm > 0 and measured_gemm > 0:
+        kernels = replace(kernels, gemm_scale=measured_gemm / predicted_gemm)
 
     def residual(index: int) -> float:
         run = modelled(index, kernels)

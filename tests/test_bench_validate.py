@@ -11,11 +11,7 @@ import pytest
 from moelens.profile import HardwareProfile
 from moelens_cli import bench_validate as bench
 from moelens_cli import bench_validate_report as report
-from moelens.config import parse_config
-from moelens_cli.bench_validate_calibrate import (CalibrationJob, calibration_shapes,
-                                                  fit_overheads, fit_prefill_attention)
-from services.coordinator.perf_model import (Deployment, ModelSpec, StepOverheads, Workload,
-                                             predict)
+from moelens_cli.bench_validate_calibrate import fit_prefill_attention
 
 
 # Grid ------------------------------------------------------------------------------------------
@@ -133,39 +129,6 @@ def test_prefill_attention_fit_recovers_a_known_line():
     # a fit that would need a negative per-sequence cost refits without it
     call, token, flop = fit_prefill_attention(shapes, seconds(-1e-4, 2e-6, 3e-10), q_size)
     assert call == 0.0 and token >= 0 and flop > 0
-
-
-def test_gemm_scale_is_fitted_per_iteration_size():
-    """Decode-sized calibration jobs (A, B) and 512-token ones (C…E) get their own in-situ GEMM
-    scale; the model moves linearly between them."""
-    spec = ModelSpec.from_config(parse_config(dict(
-        model_type="mixtral", vocab_size=128, hidden_size=256, intermediate_size=512,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-        num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=4096)), weight_bytes=4)
-    profile = HardwareProfile(
-        io_bandwidth_bytes_per_s=1e10, gemm_intercept_s=1e-3,
-        gemm_slope_s_per_token=spec.layer_flops_per_token[0] / 1e11,
-        attention_kv_bytes_per_s=1e10, host_memory_bandwidth_bytes_per_s=2e10,
-        exchange_fixed_s=1e-4, exchange_s_per_byte=0.0, is_accelerator_separate=False,
-        gemm_layer_flops_per_token=spec.layer_flops_per_token[0],
-        gemm_layer_weight_bytes=float(spec.layer_weight_bytes(0)), dtype="float32")
-    deployment = Deployment(kv_cache_bytes=2 ** 28, token_budget=512, max_num_seqs=24)
-    jobs = []
-    for index, (p, g, k) in enumerate(calibration_shapes(deployment)):
-        run = predict(spec, profile, Workload(p, g, k), deployment, StepOverheads(),
-                      replay=True).stage2_scheduled
-        ratio = 0.8 if index < 2 else 1.2
-        jobs.append(CalibrationJob(wall_s=2 * run.total_time_s, num_steps=run.num_iterations,
-                                   phase_s={"gemm": ratio * run.components_s["gemm"]}))
-    fitted = fit_overheads(jobs, 1, spec, profile, deployment)
-    assert fitted.gemm_scale == pytest.approx(1.2) and fitted.gemm_scale_small == pytest.approx(0.8)
-    assert fitted.gemm_scale_tokens == (24.0, 512.0)
-    assert fitted.gemm_scale_at(1) == pytest.approx(0.8)
-    assert fitted.gemm_scale_at(268) == pytest.approx(1.0)
-    assert fitted.gemm_scale_at(4096) == pytest.approx(1.2)
-    assert StepOverheads(gemm_scale=1.1).gemm_scale_at(3) == 1.1
-    with pytest.raises(ValueError, match="gemm_scale_tokens increasing"):
-        StepOverheads(gemm_scale_small=0.9, gemm_scale_tokens=(512.0, 24.0))
 
 
 # CLI ---------------------------------------------------------------------------------------------

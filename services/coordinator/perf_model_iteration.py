@@ -3,8 +3,8 @@
 Both stages of the model price an iteration the same way, from a HardwareProfile:
 
     io        = streamed weight bytes / B_IO                       (the data mover)
-    gemm      = s(n) · [Σ_l (a_l(n) + b_l · n) + rows_out · lm_head FLOPs / C]  (GEMM line per
-                layer; s(n) = StepOverheads.gemm_scale_at(n), 1 unless measured in situ)
+    gemm      = s · [Σ_l (a_l(n) + b_l · n) + rows_out · lm_head FLOPs / C]  (GEMM line per
+                layer; s = StepOverheads.gemm_scale, 1 unless measured in situ)
     prefill   = L · Σ_fresh (c_seq + c_tok · l + 2·q_size·l²·c_flop) (expert-side causal attention)
     attention = KV bytes read / attention KV bandwidth              (CPU paged attention: decode
                 rows and prompt chunks that continue a cached prefix)
@@ -163,9 +163,8 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
     load = StepLoad(num_paged_rows=num_decode) if load is None else load
     over = StepOverheads() if overheads is None else overheads
     io = placement.streamed_bytes / profile.io_bandwidth_bytes_per_s
-    gemm = over.gemm_scale_at(num_tokens) * (line.intercept_at(num_tokens)
-                                             + line.slope_s_per_token * num_tokens
-                                             + line.s_per_output_row * num_output_rows)
+    gemm = over.gemm_scale * (line.intercept_at(num_tokens) + line.slope_s_per_token * num_tokens
+                              + line.s_per_output_row * num_output_rows)
     s_per_flop = over.prefill_attention_s_per_flop
     if s_per_flop is None:
         s_per_flop = 1.0 / profile.gemm_flops_per_s

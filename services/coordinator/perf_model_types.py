@@ -227,32 +227,10 @@ class StepOverheads:
     """GEMM time inside a running job / the profile's GEMM line. The warmup times one layer
     over and over with the other services idle; in a job every layer's weights come back from
     memory and the other processes run between the GEMMs."""
-    gemm_scale_small: float | None = None
-    """The same ratio for small (decode-sized) iterations, where it differs; None: gemm_scale
-    at every size."""
-    gemm_scale_tokens: tuple[float, float] = (0.0, 0.0)
-    """(small, large) iteration sizes in tokens at which gemm_scale_small and gemm_scale were
-    measured; in between the scale moves linearly."""
-
-    def gemm_scale_at(self, num_tokens: float) -> float:
-        """The in-situ GEMM scale of an iteration of `num_tokens` tokens."""
-        small_n, large_n = self.gemm_scale_tokens
-        if self.gemm_scale_small is None or num_tokens >= large_n:
-            return self.gemm_scale
-        if num_tokens <= small_n:
-            return self.gemm_scale_small
-        share = (num_tokens - small_n) / (large_n - small_n)
-        return self.gemm_scale_small + share * (self.gemm_scale - self.gemm_scale_small)
 
     def __post_init__(self) -> None:
         if not self.gemm_scale > 0:
             raise ValueError(f"StepOverheads.gemm_scale must be > 0, got {self.gemm_scale}")
-        if self.gemm_scale_small is not None:
-            small_n, large_n = self.gemm_scale_tokens
-            if not self.gemm_scale_small > 0 or not 0 <= small_n < large_n:
-                raise ValueError("StepOverheads: gemm_scale_small must be > 0 and "
-                                 f"gemm_scale_tokens increasing, got {self.gemm_scale_small} "
-                                 f"at {self.gemm_scale_tokens}")
         for name in ("step_fixed_s", "step_s_per_seq", "prefill_attention_s_per_seq",
                      "prefill_attention_s_per_token", "prefill_attention_s_per_flop"):
             value = getattr(self, name)
