@@ -4,7 +4,7 @@ An extension is compiled once per source/torch/Python version into
 `<user cache>/moe-lens/ext/<key>/`; later processes import the built library directly. A build
 happens in a temporary folder under an exclusive file lock and is renamed into place, so
 concurrent first starts neither corrupt nor duplicate each other and a killed build leaves no
-stale lock. Callers decide what to do when a build fails (each has a torch fallback).
+stale lock. Each caller has a torch fallback for when a build fails (`load_or_none`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -84,3 +85,15 @@ def load_or_build(prefix: str, csrc_dir: Path, source: str, extra_cflags: tuple[
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
     return module
+
+
+def load_or_none(what: str, fallback: str, prefix: str, csrc_dir: Path, source: str,
+                 extra_cflags: tuple[str, ...] = (),
+                 extra_ldflags: tuple[str, ...] = ()) -> ModuleType | None:
+    """load_or_build, or None after one RuntimeWarning "<what> unavailable (...); <fallback>"."""
+    try:
+        return load_or_build(prefix, csrc_dir, source, extra_cflags, extra_ldflags)
+    except Exception as exc:  # any build or import failure means: use the torch fallback
+        warnings.warn(f"{what} unavailable ({str(exc)[:400]}); {fallback}", RuntimeWarning,
+                      stacklevel=3)
+        return None

@@ -14,7 +14,6 @@ and the extension builds; "panels" insists (an error if impossible), "torch" nev
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -92,12 +91,8 @@ def maybe_pack(w: torch.Tensor | None, enabled: bool) -> torch.Tensor | PanelWei
 
 @lru_cache(maxsize=None)
 def _load() -> ModuleType | None:
-    try:
-        return native.load_or_build("moelens_panel_gemm", CSRC_DIR, "panel_gemm.cpp")
-    except Exception as exc:  # no compiler or OpenMP: callers keep plain weights
-        warnings.warn(f"panel GEMM unavailable ({str(exc)[:400]}); using torch's F.linear",
-                      RuntimeWarning, stacklevel=3)
-        return None
+    return native.load_or_none("panel GEMM", "using torch's F.linear", "moelens_panel_gemm",
+                               CSRC_DIR, "panel_gemm.cpp")
 
 
 def _extension() -> ModuleType:

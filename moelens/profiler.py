@@ -113,13 +113,14 @@ def _layer_weights(cfg: ModelConfig, num_experts: int, device: torch.device,
     """One layer's GEMM weights in the [N, K] layout the expert service uses (panels or not)."""
     h, i, s = cfg.hidden_size, cfg.expert_intermediate_size, cfg.shared_expert_intermediate_size
 
+    def plain(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device=device, dtype=dtype).uniform_(-0.02, 0.02)
+
     def w(*shape: int) -> torch.Tensor | PanelWeight:
-        plain = torch.empty(shape, device=device, dtype=dtype).uniform_(-0.02, 0.02)
-        return panel_gemm.maybe_pack(plain, panels)
+        return panel_gemm.maybe_pack(plain(*shape), panels)
 
     weights = {"qkv": w(cfg.q_size + 2 * cfg.kv_size, h), "o": w(h, cfg.q_size),
-               "router": torch.empty(cfg.num_experts, h, device=device,
-                                     dtype=dtype).uniform_(-0.02, 0.02),
+               "router": plain(cfg.num_experts, h),
                "gate_up": w(num_experts, 2 * i, h), "down": w(num_experts, h, i)}
     if s:
         weights["shared_gate_up"], weights["shared_down"] = w(2 * s, h), w(h, s)

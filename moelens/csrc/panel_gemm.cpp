@@ -161,7 +161,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t ou
                     "panel GEMM: ", wp.size(0), " panels cannot hold ", out_features,
                     " output features");
   TORCH_CHECK_VALUE(num_threads >= 1, "panel GEMM: num_threads must be >= 1");
-  TORCH_CHECK_VALUE(cpu_supported(), "panel GEMM needs a CPU with AVX2 and FMA");
+  static const bool supported = cpu_supported();  // once per process, not per call
+  TORCH_CHECK_VALUE(supported, "panel GEMM needs a CPU with AVX2 and FMA");
   // Rows may be strided (e.g. the gate half of a [M, 2I] activation); elements must not be.
   const auto xc = x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
   const auto wc = wp.contiguous();

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+# LayerWeights fields that are GEMM weights [.., N, K] (what the CPU device packs into panels).
+GEMM_FIELDS = frozenset({"qkv_proj", "o_proj", "experts_gate_up", "experts_down",
+                         "shared_gate_up", "shared_down", "dense_gate_up", "dense_down"})
+
 
 @dataclass
 class LayerWeights:

@@ -10,7 +10,6 @@ built (no compiler, no OpenMP) the torch reference runs instead, with one warnin
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,21 +41,13 @@ class KernelSettings:
 _settings = KernelSettings()
 
 
-def _load_or_build(sanitize: bool) -> ModuleType:
-    extra = SANITIZE_FLAGS if sanitize else ()
-    return native.load_or_build("moelens_attention", CSRC_DIR, "paged_attention.cpp", extra, extra)
-
-
 @lru_cache(maxsize=None)
 def load_extension(sanitize: bool = False) -> ModuleType | None:
     """The compiled extension, or None (after one warning) when it cannot be built here."""
-    try:
-        return _load_or_build(sanitize)
-    except Exception as exc:  # any build or import failure means: use the torch reference
-        warnings.warn(f"attention_cpu: C++ attention kernel unavailable ({str(exc)[:400]}); "
-                      "falling back to the much slower torch reference", RuntimeWarning,
-                      stacklevel=3)
-        return None
+    extra = SANITIZE_FLAGS if sanitize else ()
+    return native.load_or_none("attention_cpu: C++ attention kernel",
+                               "falling back to the much slower torch reference",
+                               "moelens_attention", CSRC_DIR, "paged_attention.cpp", extra, extra)
 
 
 def _extension() -> ModuleType | None:

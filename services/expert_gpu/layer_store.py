@@ -17,13 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from moelens import panel_gemm
-from moelens.model.weights import LayerWeights
+from moelens.model.weights import GEMM_FIELDS, LayerWeights
 
 PACKET_BYTES = 100 * 2**20
 ALIGN = 16  # elements: every tensor starts on a 64-byte boundary (fp32)
-# The GEMM weights, stored as panel_gemm panels when the CPU device uses the panel kernel.
-PANEL_FIELDS = frozenset({"qkv_proj", "o_proj", "experts_gate_up", "experts_down",
-                          "shared_gate_up", "shared_down", "dense_gate_up", "dense_down"})
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ class PackedLayout:
     def of(cls, layer: LayerWeights, panels: bool = False) -> "PackedLayout":
         entries, offset = [], 0
         for name, t in layer.tensors().items():
-            out_features = t.shape[-2] if panels and name in PANEL_FIELDS else 0
+            out_features = t.shape[-2] if panels and name in GEMM_FIELDS else 0
             shape = panel_gemm.packed_shape(t.shape) if out_features else tuple(t.shape)
             entries.append((name, offset, shape, out_features))
             offset += -(-_numel(shape) // ALIGN) * ALIGN
