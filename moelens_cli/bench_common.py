@@ -190,6 +190,13 @@ class GemmRates:
     rows: int
     """M of the projection and expert GEMMs (lm_head uses fewer: its N is the vocabulary)."""
 
+    def best(self, other: "GemmRates") -> "GemmRates":
+        """The faster rate per kind of two measurements (e.g. before and after a job): on a
+        shared machine a slow moment would otherwise lower the peak, flattering the fraction."""
+        rates = {kind: max(rate, other.flops_per_s.get(kind, 0.0))
+                 for kind, rate in self.flops_per_s.items()}
+        return GemmRates(rates, self.threads, self.rows)
+
 
 def _weights(*shape: int) -> torch.Tensor:
     return torch.empty(shape).uniform_(-0.02, 0.02)

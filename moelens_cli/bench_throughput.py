@@ -3,10 +3,14 @@ performance model's prediction.
 
 Every request is submitted at once (random prompt ids, seeded; greedy; ignore EOS; exactly
 gen-len tokens each), and the clock runs from the first submission to the last completion.
-Just before the job, with the services idle, the same process measures the machine's fp32 GEMM
-rates on the model's shapes (the roofline) and, unless --profile is given, the hardware profile
-the prediction runs on. Without --coordinator the services are started here (with /metrics on,
-so the job's step timings can be read back) and stopped at the end.
+Just before the job, with the services idle, and again after it, the same process measures the
+machine's fp32 GEMM rates on the model's shapes (the roofline: the faster of the two per kind)
+and, before the job, unless --profile is given, the hardware profile
+the prediction runs on. That prediction prices kernels only; `--calibrate` adds the one
+`bench validate` makes: the services' warmup profile and the step overheads of five short
+calibration jobs run just before (coordinator Python, RPCs, sampling, the in-situ GEMM slowdown).
+Without --coordinator the services are started here (with /metrics on, so the job's step timings
+can be read back) and stopped at the end.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="M of the roofline GEMMs (large: the best rate torch reaches)")
     parser.add_argument("--no-roofline", action="store_true", help="skip roofline and prediction")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also predict as `bench validate` does (warmup profiles + step "
+                             "overheads from 5 calibration jobs run just before; needs the "
+                             "services' /metrics: started here, or --metrics-url)")
     add_launch_arguments(parser)
 
 
@@ -76,6 +84,8 @@ class Setup:
     rates: common.GemmRates | None = None
     profile_source: str = ""
     prediction: Any = None
+    calibrated: Any = None
+    """The Prediction of --calibrate (services' warmup profile, measured step overheads)."""
 
 
 def _local_config(model_info: ModelInfo, args: argparse.Namespace) -> ModelConfig | None:
@@ -113,7 +123,7 @@ def _predict(cfg: ModelConfig, setup: Setup, args: argparse.Namespace) -> tuple[
     return predict(spec, profile, workload, deployment), source
 
 
-def prepare(client: Client, args: argparse.Namespace) -> Setup:
+def prepare(client: Client, args: argparse.Namespace, metrics_url: str | None = None) -> Setup:
     model_info, server_info = client.model_info(), client.server_info()
     cfg = _local_config(model_info, args)
     requests = common.make_requests(args.workload, args.num_requests, model_info.vocab_size,
@@ -132,7 +142,22 @@ def prepare(client: Client, args: argparse.Namespace) -> Setup:
             setup.prediction, setup.profile_source = _predict(cfg, setup, args)
         except (ValueError, OSError) as err:  # the job is still worth running without it
             print(f"moe-lens bench: no prediction: {err}", file=sys.stderr)
+    if cfg is not None and args.calibrate:
+        setup.calibrated = _calibrate(client, cfg, setup, args, metrics_url)
     return setup
+
+
+def _calibrate(client: Client, cfg: ModelConfig, setup: Setup, args: argparse.Namespace,
+               metrics_url: str | None) -> Any:
+    from moelens_cli.bench_validate import calibrated_prediction
+    from services.coordinator.perf_model import Workload
+    from services.coordinator.scheduler import SchedulerConfig
+    print("moe-lens bench: calibrating the prediction (warmups, 5 short jobs)...",
+          file=sys.stderr, flush=True)
+    workload = Workload.from_pairs([(len(r.prompt_ids), r.gen_len) for r in setup.requests])
+    max_num_seqs = args.max_num_seqs or SchedulerConfig().max_num_seqs
+    return calibrated_prediction(client, metrics_url, cfg, workload, max_num_seqs,
+                                 seed=args.seed + 1)
 
 
 async def _run_job(address: str, requests: list[common.BenchRequest],
@@ -184,7 +209,7 @@ def report(args: argparse.Namespace, setup: Setup, result: common.ThroughputResu
         fraction = line.fraction(result.elapsed_s)
         print(f"Roofline: {line.gemm_flops / 1e12:.3f} TFLOP of GEMMs at "
               f"{line.peak_flops_per_s / 1e9:.1f} GFLOP/s (fp32, {setup.rates.threads} threads, "
-              f"measured now) = {line.min_time_s:.2f} s minimum; measured "
+              f"best of before and after the job) = {line.min_time_s:.2f} s minimum; measured "
               f"{result.elapsed_s:.2f} s -> {100 * fraction:.1f}% of roofline")
         payload.update(roofline_fraction=fraction, roofline_min_time_s=line.min_time_s,
                        gemm_flops=flops.by_kind, gemm_flops_per_s=setup.rates.flops_per_s)
@@ -199,6 +224,20 @@ def report(args: argparse.Namespace, setup: Setup, result: common.ThroughputResu
                        predicted_total_tokens_per_s=stage2.total_tokens_per_s,
                        predicted_bottleneck=setup.prediction.bottleneck,
                        profile_source=setup.profile_source)
+    if setup.calibrated is not None:
+        scheduled = setup.calibrated.stage2_scheduled
+        ratio = result.output_tokens_per_s / scheduled.output_tokens_per_s
+        print(f"Calibrated prediction: {scheduled.output_tokens_per_s:.2f} output tokens/s, "
+              f"{scheduled.total_time_s:.2f} s, {scheduled.num_iterations} iterations "
+              f"(bottleneck {scheduled.bottleneck}); measured/predicted = {ratio:.2f}; services' "
+              f"warmup profile + step overheads of 5 calibration jobs (as bench validate)")
+        if setup.prediction is not None:
+            payload["kernels_only_predicted_output_tokens_per_s"] = \
+                payload["predicted_output_tokens_per_s"]
+        payload.update(predicted_output_tokens_per_s=scheduled.output_tokens_per_s,
+                       predicted_total_tokens_per_s=scheduled.total_tokens_per_s,
+                       predicted_bottleneck=scheduled.bottleneck,
+                       predicted_iterations=scheduled.num_iterations, calibrated_prediction=True)
     if steps is not None:
         print(bench_steps.format_steps(steps, result.elapsed_s))
         payload["step_timings"] = dataclasses.asdict(steps)
@@ -225,6 +264,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.roofline_rows < 1:
         raise ValueError(f"--roofline-rows must be >= 1, got {args.roofline_rows}")
+    if args.calibrate and args.coordinator and not args.metrics_url:
+        raise ValueError("--calibrate reads the coordinator's step timers: pass --metrics-url "
+                         "with --coordinator")
     if args.workload == "fixed":
         args.prompt_len = 128 if args.prompt_len is None else args.prompt_len
         args.gen_len = 64 if args.gen_len is None else args.gen_len
@@ -251,11 +293,16 @@ def run(args: argparse.Namespace) -> int:
                 address = stack.enter_context(start_local_services(options)).coordinator_address
             client = stack.enter_context(Client(address))
             client.wait_ready(_READY_TIMEOUT_S)
-            setup = prepare(client, args)
+            setup = prepare(client, args, metrics_url)
             before = _scrape(metrics_url)
             counts, elapsed = asyncio.run(_run_job(address, setup.requests,
                                                    not args.no_progress))
             after = _scrape(metrics_url, client.server_info().num_steps)
+        if setup.rates is not None and setup.cfg is not None:  # services stopped: idle cores
+            print("moe-lens bench: measuring the GEMM roofline again...", file=sys.stderr,
+                  flush=True)
+            setup.rates = setup.rates.best(common.measure_gemm_rates(
+                setup.cfg, setup.rates.threads, rows=args.roofline_rows))
     except KeyboardInterrupt:
         print("moe-lens bench throughput: interrupted; services stopped", file=sys.stderr)
         return 130

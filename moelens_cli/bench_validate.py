@@ -180,6 +180,26 @@ def _warm_profiles(cfg: ModelConfig, expert, attention, num_warmups: int) -> tup
     return profiles, LiveLens.build(cfg, median_profile(profiles), e, a)
 
 
+def calibrated_prediction(client, metrics_url: str, cfg: ModelConfig, workload,
+                          max_num_seqs: int, warmups: int = 7, seed: int = 0):
+    """What this command would predict for `workload` on the running services behind `client`:
+    the median of `warmups` warmup profiles, StepOverheads fitted to calibration jobs A…E run
+    now (bench_validate_calibrate), the scheduler replayed. One measurement before the job,
+    where a validation point brackets its job with two. Returns the perf_model Prediction."""
+    from services.coordinator.perf_model import predict
+    info = client.server_info()
+    expert, attention = _stubs(info)  # ServerInfo names both addresses
+    profiles, lens = _warm_profiles(cfg, expert, attention, warmups)
+    deployment = replace(lens.deployment, token_budget=info.token_budget,
+                         max_num_seqs=max_num_seqs)
+    max_prompt_len = (client.model_info().max_model_len or 0) - 1
+    max_prompt_len = max_prompt_len if max_prompt_len > 0 else None
+    jobs = run_calibrations(client, metrics_url, deployment, cfg.vocab_size, seed,
+                            max_prompt_len)
+    overheads = fit_overheads(jobs, 1, lens.spec, lens.profile, deployment, max_prompt_len)
+    return predict(lens.spec, lens.profile, workload, deployment, overheads, replay=True)
+
+
 def _run_job(client, point: GridPoint, vocab_size: int, seed: int) -> float:
     """Wall seconds of the job, all requests at once; ValueError if any is short."""
     rng = np.random.default_rng(seed)

@@ -120,20 +120,22 @@ def run_calibration(client, metrics_url: str, vocab_size: int, num_seqs: int, pr
     return CalibrationJob(wall, after.get("steps", 0) - before.get("steps", 0), phases)
 
 
-def calibration_shapes(deployment) -> list[tuple[int, int, int]]:
-    """(prompt_len, gen_len, requests) of calibration jobs A…E for this deployment."""
+def calibration_shapes(deployment, max_prompt_len: int | None = None) -> list[tuple[int, int, int]]:
+    """(prompt_len, gen_len, requests) of calibration jobs A…E for this deployment (prompts of
+    at most `max_prompt_len` tokens: the model's context less the generated token)."""
     num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
-    long_prompt = min(deployment.token_budget or LONG_PROMPT, LONG_PROMPT)
+    long_prompt = min(deployment.token_budget or LONG_PROMPT, LONG_PROMPT,
+                      max_prompt_len or LONG_PROMPT)
     p, g = CALIBRATION_PROMPT, CALIBRATION_GEN
     return [(p, g, 1), (p, g, num_seqs)] + [
         (long_prompt // per_step, 1, per_step * PREFILL_STEPS) for per_step in PROMPTS_PER_STEP]
 
 
 def run_calibrations(client, metrics_url: str, deployment, vocab_size: int,
-                     seed: int = 0) -> list[CalibrationJob]:
+                     seed: int = 0, max_prompt_len: int | None = None) -> list[CalibrationJob]:
     """Run calibration jobs A…E once each, in order."""
     return [run_calibration(client, metrics_url, vocab_size, k, p, g, seed + i)
-            for i, (p, g, k) in enumerate(calibration_shapes(deployment))]
+            for i, (p, g, k) in enumerate(calibration_shapes(deployment, max_prompt_len))]
 
 
 def merge_calibrations(runs: list[list[CalibrationJob]]) -> list[CalibrationJob]:
@@ -150,11 +152,11 @@ def merge_calibrations(runs: list[list[CalibrationJob]]) -> list[CalibrationJob]
 
 
 def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
-                  deployment) -> StepOverheads:
-    """StepOverheads from calibration jobs A…E (`repeats` runs merged; see the module
-    docstring)."""
+                  deployment, max_prompt_len: int | None = None) -> StepOverheads:
+    """StepOverheads from calibration jobs A…E (`repeats` runs merged, run with the same
+    `max_prompt_len`; see the module docstring)."""
     from services.coordinator.perf_model import Workload, predict
-    shapes = calibration_shapes(deployment)
+    shapes = calibration_shapes(deployment, max_prompt_len)
     num_seqs = shapes[1][2]
     lengths = [(p, k) for p, _, k in shapes]
     seconds = [job.phase_s.get("prefill_attention", 0.0) / spec.num_layers / repeats

@@ -117,6 +117,10 @@ def test_roofline_arithmetic():
     assert line.peak_flops_per_s == pytest.approx(flops.total / min_time)
     assert line.fraction(2 * min_time) == pytest.approx(0.5)
     assert line.fraction(0.0) == 0.0
+    later = common.GemmRates({"attention_proj": 3e9, "router": 3e9, "experts": 1e9,
+                              "lm_head": 0.5e9}, threads=2, rows=4096)
+    assert rates.best(later).flops_per_s == {"attention_proj": 3e9, "router": 3e9,
+                                             "experts": 2e9, "lm_head": 0.5e9}
 
 
 def test_measured_gemm_rates_are_positive(bench_cfg):
@@ -234,6 +238,37 @@ def test_bench_experts_compares_against_the_gather_path(tmp_path, capsys):
     assert cli_main(["bench", "experts", "--shapes", "huge"]) == 2
 
 
+def test_bench_throughput_flag_errors_name_the_flag(capsys):
+    assert cli_main(["bench", "throughput", "--num-requests", "0"]) == 2
+    assert "--num-requests must be >= 1" in capsys.readouterr().err
+    assert cli_main(["bench", "throughput", "--coordinator", "127.0.0.1:1", "--calibrate"]) == 2
+    assert "--calibrate reads the coordinator's step timers" in capsys.readouterr().err
+
+
+# Attention kernel bench ------------------------------------------------------------------------
+def test_bench_attention_writes_the_issue_schema(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    code = cli_main(["bench", "attention", "--threads", "1", "--contexts", "64", "--batches", "2",
+                     "--gqa", "1,4", "--kv-dtypes", "float32,float16", "--head-dim", "80",
+                     "--min-seconds", "0.01", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["gqa"], r["kv_dtype"]) for r in rows] == [
+        (1, "float32"), (4, "float32"), (1, "float16"), (4, "float16")]
+    issue_keys = {"context_len", "batch", "gqa", "head_dim", "kv_dtype", "kv_gbps", "read_gbps",
+                  "bandwidth_ratio", "speedup_vs_torch"}
+    for row in rows:
+        assert issue_keys <= row.keys()
+        assert (row["context_len"], row["batch"], row["head_dim"]) == (64, 2, 80)
+        for key in ("kv_gbps", "read_gbps", "speedup_vs_torch", "kv_gbps_best", "hot_kv_gbps"):
+            assert row[key] > 0, key
+        assert row["bandwidth_ratio"] == pytest.approx(row["kv_gbps"] / row["read_gbps"])
+        assert row["kv_gbps_best"] >= row["kv_gbps"]
+    assert "hot" in capsys.readouterr().out
+    assert cli_main(["bench", "attention", "--gqa", "0"]) == 2
+    assert "--gqa: values must be >= 1" in capsys.readouterr().err
+
+
 # One real run through the services ---------------------------------------------------------------
 def _tiny_profile(path: Path) -> None:
     path.write_text(json.dumps(dict(
@@ -252,15 +287,19 @@ def test_bench_throughput_real_run(tiny_checkpoints, tmp_path, capsys):
         "bench", "throughput", "--model", str(tiny_checkpoints["mixtral"]), "--num-requests",
         "4", "--prompt-len", "8", "--gen-len", "4", "--roofline-rows", "64", "--profile",
         str(profile), "--kv-cache-gb", "0.05", "--block-size", "8", "--expert-threads", "1",
-        "--attention-threads", "1", "--no-progress", "--json", str(out)])
+        "--attention-threads", "1", "--max-num-seqs", "4", "--calibrate", "--no-progress",
+        "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.startswith("Throughput: ") and "requests/s," in printed
     assert "% of roofline" in printed and "Prediction:" in printed
+    assert "Calibrated prediction:" in printed
     result = json.loads(out.read_text())
     for key in ("requests_per_s", "total_tokens_per_s", "output_tokens_per_s",
-                "roofline_fraction", "predicted_output_tokens_per_s", "elapsed_s"):
+                "roofline_fraction", "predicted_output_tokens_per_s", "elapsed_s",
+                "kernels_only_predicted_output_tokens_per_s"):
         assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["calibrated_prediction"] is True and result["predicted_iterations"] >= 2
     assert result["num_output_tokens"] == 16 and result["num_prompt_tokens"] == 32
     assert result["config"]["num_requests"] == 4 and result["config"]["prompt_len"] == 8
     steps = result["step_timings"]
