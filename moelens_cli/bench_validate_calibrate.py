@@ -8,8 +8,8 @@ the running services — never the validated point's own job — measure them wi
 own phase timers (the coordinator's /metrics):
 
 - A: 1 request and B: `num_seqs` requests of 8-token prompts decoding 64 tokens together;
-- C, D, E: prompts of 512, 256 and 128 tokens, filling the 512-token budget 1, 2 and 4 to an
-  iteration, 6 iterations each (capped by the token budget).
+- C, D, E: prompts of b, b/2 and b/4 tokens filling the token budget b (512 in bench validate)
+  1, 2 and 4 to an iteration, 6 iterations each.
 
 Prefill attention: the prefill_attention phase of A…E per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
@@ -38,9 +38,11 @@ CALIBRATION_PROMPT, CALIBRATION_GEN = 8, 64
 CALIBRATION_SEQS = 24
 """Sequences of job B when the deployment has no running-sequence cap."""
 LONG_PROMPT, PREFILL_STEPS, PROMPTS_PER_STEP = 512, 6, (1, 2, 4)
-"""Prefill calibration: PREFILL_STEPS iterations each of 1, 2 and 4 prompts filling LONG_PROMPT
-tokens (512, 256 and 128 tokens; capped by the token budget). Three lengths keep the
-per-token and per-FLOP terms apart; six iterations each average the machine's noise."""
+"""Prefill calibration: PREFILL_STEPS iterations each of 1, 2 and 4 prompts filling the token
+budget (LONG_PROMPT when there is none): the in-situ GEMM scale is measured at the iteration size
+the job runs at (scaled at 512 tokens, the prediction for bench-mixtral's 256-request job with its
+~1100-token iterations was 12% pessimistic; scaled at the budget, 3%). Three lengths keep the per-token and per-FLOP terms
+apart; six iterations each average the machine's noise."""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 
 
@@ -124,8 +126,8 @@ def calibration_shapes(deployment, max_prompt_len: int | None = None) -> list[tu
     """(prompt_len, gen_len, requests) of calibration jobs A…E for this deployment (prompts of
     at most `max_prompt_len` tokens: the model's context less the generated token)."""
     num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
-    long_prompt = min(deployment.token_budget or LONG_PROMPT, LONG_PROMPT,
-                      max_prompt_len or LONG_PROMPT)
+    long_prompt = deployment.token_budget or LONG_PROMPT
+    long_prompt = min(long_prompt, max_prompt_len or long_prompt)
     p, g = CALIBRATION_PROMPT, CALIBRATION_GEN
     return [(p, g, 1), (p, g, num_seqs)] + [
         (long_prompt // per_step, 1, per_step * PREFILL_STEPS) for per_step in PROMPTS_PER_STEP]

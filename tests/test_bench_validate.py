@@ -11,7 +11,8 @@ import pytest
 from moelens.profile import HardwareProfile
 from moelens_cli import bench_validate as bench
 from moelens_cli import bench_validate_report as report
-from moelens_cli.bench_validate_calibrate import fit_prefill_attention
+from moelens_cli.bench_validate_calibrate import calibration_shapes, fit_prefill_attention
+from services.coordinator.perf_model import Deployment
 
 
 # Grid ------------------------------------------------------------------------------------------
@@ -149,3 +150,13 @@ def test_cli_defaults_and_errors(capsys):
     assert "--warmups" in capsys.readouterr().err
     assert bench.run(_args("--model", "/nonexistent")) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_calibration_prefills_fill_the_token_budget_within_the_context():
+    deployment = Deployment(kv_cache_bytes=1 << 30, token_budget=1024, max_num_seqs=256)
+    assert calibration_shapes(deployment) == [
+        (8, 64, 1), (8, 64, 256), (1024, 1, 6), (512, 1, 12), (256, 1, 24)]
+    assert [p for p, _, _ in calibration_shapes(deployment, max_prompt_len=511)][2:] == \
+        [511, 255, 127]
+    bare = Deployment(kv_cache_bytes=1 << 30)  # no budget, no running cap: 512 tokens, 24 seqs
+    assert calibration_shapes(bare)[1:3] == [(8, 64, 24), (512, 1, 6)]
