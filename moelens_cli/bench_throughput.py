@@ -214,34 +214,33 @@ def report(args: argparse.Namespace, setup: Setup, result: common.ThroughputResu
         payload.update(roofline_fraction=fraction, roofline_min_time_s=line.min_time_s,
                        gemm_flops=flops.by_kind, gemm_flops_per_s=setup.rates.flops_per_s)
     if setup.prediction is not None:
-        stage2 = setup.prediction.stage2
-        ratio = result.output_tokens_per_s / stage2.output_tokens_per_s
-        print(f"Prediction: {stage2.output_tokens_per_s:.2f} output tokens/s, "
-              f"{stage2.total_tokens_per_s:.2f} total tokens/s, {stage2.total_time_s:.2f} s "
-              f"(bottleneck {setup.prediction.bottleneck}); measured/predicted = {ratio:.2f}; "
-              f"profile {setup.profile_source}")
-        payload.update(predicted_output_tokens_per_s=stage2.output_tokens_per_s,
-                       predicted_total_tokens_per_s=stage2.total_tokens_per_s,
-                       predicted_bottleneck=setup.prediction.bottleneck,
-                       profile_source=setup.profile_source)
+        payload.update(_prediction(
+            "Prediction", setup.prediction.stage2, setup.prediction.bottleneck, result,
+            f"profile {setup.profile_source}"), profile_source=setup.profile_source)
     if setup.calibrated is not None:
         scheduled = setup.calibrated.stage2_scheduled
-        ratio = result.output_tokens_per_s / scheduled.output_tokens_per_s
-        print(f"Calibrated prediction: {scheduled.output_tokens_per_s:.2f} output tokens/s, "
-              f"{scheduled.total_time_s:.2f} s, {scheduled.num_iterations} iterations "
-              f"(bottleneck {scheduled.bottleneck}); measured/predicted = {ratio:.2f}; services' "
-              f"warmup profile + step overheads of 5 calibration jobs (as bench validate)")
-        if setup.prediction is not None:
-            payload["kernels_only_predicted_output_tokens_per_s"] = \
-                payload["predicted_output_tokens_per_s"]
-        payload.update(predicted_output_tokens_per_s=scheduled.output_tokens_per_s,
-                       predicted_total_tokens_per_s=scheduled.total_tokens_per_s,
-                       predicted_bottleneck=scheduled.bottleneck,
-                       predicted_iterations=scheduled.num_iterations, calibrated_prediction=True)
+        kernels_only = payload["predicted_output_tokens_per_s"]
+        payload.update(_prediction(
+            "Calibrated prediction", scheduled, scheduled.bottleneck, result,
+            "services' warmup profile + step overheads of 5 calibration jobs (as bench validate)"),
+            kernels_only_predicted_output_tokens_per_s=kernels_only, calibrated_prediction=True)
     if steps is not None:
         print(bench_steps.format_steps(steps, result.elapsed_s))
         payload["step_timings"] = dataclasses.asdict(steps)
     return payload
+
+
+def _prediction(label: str, run: Any, bottleneck: str, result: common.ThroughputResult,
+                source: str) -> dict[str, Any]:
+    """Print one prediction (a perf_model Stage2Prediction) beside the measurement; its JSON
+    fields."""
+    ratio = result.output_tokens_per_s / run.output_tokens_per_s
+    print(f"{label}: {run.output_tokens_per_s:.2f} output tokens/s, {run.total_tokens_per_s:.2f} "
+          f"total tokens/s, {run.total_time_s:.2f} s, {run.num_iterations:.0f} iterations "
+          f"(bottleneck {bottleneck}); measured/predicted = {ratio:.2f}; {source}")
+    return dict(predicted_output_tokens_per_s=run.output_tokens_per_s,
+                predicted_total_tokens_per_s=run.total_tokens_per_s,
+                predicted_bottleneck=bottleneck, predicted_iterations=run.num_iterations)
 
 
 def _config(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
