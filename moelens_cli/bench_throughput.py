@@ -5,10 +5,11 @@ Every request is submitted at once (random prompt ids, seeded; greedy; ignore EO
 gen-len tokens each), and the clock runs from the first submission to the last completion.
 Just before the job, with the services idle, and again after it, the same process measures the
 machine's fp32 GEMM rates on the model's shapes (the roofline: the faster of the two per kind)
-and, before the job, unless --profile is given, the hardware profile
-the prediction runs on. That prediction prices kernels only; `--calibrate` adds the one
-`bench validate` makes: the services' warmup profile and the step overheads of five short
-calibration jobs run just before (coordinator Python, RPCs, sampling, the in-situ GEMM slowdown).
+and, before it, unless --profile is given, the hardware profile the prediction runs on. That
+prediction prices kernels only; `--calibrate` adds the one `bench validate` makes: the services'
+warmup profile and the step overheads of five short calibration jobs run just before
+(coordinator Python, RPCs, sampling, the in-situ GEMM slowdown; the expert and attention
+services' addresses the coordinator reports must be reachable from here).
 Without --coordinator the services are started here (with /metrics on, so the job's step timings
 can be read back) and stopped at the end.
 """
