@@ -39,6 +39,15 @@ struct Prefetch {
   }
 };
 
+// Keeps a loaded vector in a register: without it GCC folds the load into each FMA that uses
+// it, one load per token of the tile instead of one.
+template <class T>
+inline void pin(T& x) {
+#if defined(__GNUC__) && MOELENS_X86_ISAS
+  asm("" : "+x"(x));
+#endif
+}
+
 // Tokens per score tile for nh heads: 8 accumulators where possible (one hsum8 tree).
 constexpr int token_tile(int nh) { return nh == 1 ? 8 : nh == 2 ? 4 : 2; }
 
@@ -57,6 +66,7 @@ inline void qk_tile(const float* q, int dp, const typename Tag::type* k, int dim
     for (int t = 0; t < NT; ++t) kv[t] = V::template load<Tag>(k + int64_t(t) * dim + d);
     for (int h = 0; h < NH; ++h) {
       R qv = V::template load<F32>(q + h * dp + d);
+      if constexpr (NT > 1) pin(qv);
       for (int t = 0; t < NT; ++t) acc[h][t] = V::fma(qv, kv[t], acc[h][t]);
     }
   }
