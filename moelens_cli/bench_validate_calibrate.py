@@ -40,9 +40,9 @@ CALIBRATION_SEQS = 24
 LONG_PROMPT, PREFILL_STEPS, PROMPTS_PER_STEP = 512, 6, (1, 2, 4)
 """Prefill calibration: PREFILL_STEPS iterations each of 1, 2 and 4 prompts filling the token
 budget (LONG_PROMPT when there is none): the in-situ GEMM scale is measured at the iteration size
-the job runs at (scaled at 512 tokens, the prediction for bench-mixtral's 256-request job with its
-~1100-token iterations was 12% pessimistic; scaled at the budget, 3%). Three lengths keep the per-token and per-FLOP terms
-apart; six iterations each average the machine's noise."""
+the job runs at (scaled at 512 tokens, the prediction for bench-mixtral's 256-request job with
+its ~1100-token iterations was 12% pessimistic; scaled at the budget, 3%). Three lengths keep
+the per-token and per-FLOP terms apart; six iterations each average the machine's noise."""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 
 
@@ -122,7 +122,8 @@ def run_calibration(client, metrics_url: str, vocab_size: int, num_seqs: int, pr
     return CalibrationJob(wall, after.get("steps", 0) - before.get("steps", 0), phases)
 
 
-def calibration_shapes(deployment, max_prompt_len: int | None = None) -> list[tuple[int, int, int]]:
+def calibration_shapes(deployment,
+                       max_prompt_len: int | None = None) -> list[tuple[int, int, int]]:
     """(prompt_len, gen_len, requests) of calibration jobs A…E for this deployment (prompts of
     at most `max_prompt_len` tokens: the model's context less the generated token)."""
     num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
