@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moelens import panel_gemm
+
 TRANSPORTS = ("shm", "grpc")
-CPU_GEMMS = ("auto", "panels", "torch")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,8 +45,9 @@ class ExpertConfig:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if self.cpu_gemm not in CPU_GEMMS:
-            raise ValueError(f"--cpu-gemm must be one of {CPU_GEMMS}, got {self.cpu_gemm!r}")
+        if self.cpu_gemm not in panel_gemm.MODES:
+            raise ValueError(f"--cpu-gemm must be one of {panel_gemm.MODES}, got "
+                             f"{self.cpu_gemm!r}")
         if self.max_num_tokens < 1:
             raise ValueError(f"--max-num-tokens must be >= 1, got {self.max_num_tokens}")
 

@@ -10,6 +10,7 @@ runs with real copies into separate buffers, so streaming is exercised by every 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class PackedLayout:
             out_features = t.shape[-2] if panels and name in GEMM_FIELDS else 0
             shape = panel_gemm.packed_shape(t.shape) if out_features else tuple(t.shape)
             entries.append((name, offset, shape, out_features))
-            offset += -(-_numel(shape) // ALIGN) * ALIGN
+            offset += -(-math.prod(shape) // ALIGN) * ALIGN
         return cls(tuple(entries), offset)
 
     def pack(self, layer: LayerWeights, out: torch.Tensor) -> torch.Tensor:
@@ -52,16 +53,9 @@ class PackedLayout:
     def unpack(self, flat: torch.Tensor) -> LayerWeights:
         views = {}
         for name, offset, shape, out_features in self.entries:
-            view = flat[offset:offset + _numel(shape)].view(shape)
+            view = flat[offset:offset + math.prod(shape)].view(shape)
             views[name] = panel_gemm.PanelWeight(view, out_features) if out_features else view
         return LayerWeights(**views)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class _Slot:

@@ -7,14 +7,14 @@ import logging
 
 import torch
 
+from moelens import panel_gemm
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
                                   resolve_model, write_port_file)
 from moelens.v1 import expert_pb2, expert_pb2_grpc
 from services.expert_gpu.metrics import ExpertMetrics
-from services.expert_gpu.config import (CPU_GEMMS, TRANSPORTS, ExpertConfig, resolve_device,
-                                        resolve_dtype)
+from services.expert_gpu.config import TRANSPORTS, ExpertConfig, resolve_device, resolve_dtype
 from services.expert_gpu.servicer import ExpertServicer
 from services.expert_gpu.worker import ExpertWorker
 
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", default="shm", choices=TRANSPORTS)
     parser.add_argument("--max-num-tokens", type=int, default=8192,
                         help="most tokens per step (sizes the workspace reservation)")
-    parser.add_argument("--cpu-gemm", default="auto", choices=CPU_GEMMS,
+    parser.add_argument("--cpu-gemm", default="auto", choices=panel_gemm.MODES,
                         help="CPU device GEMMs: panels (weights packed once at load), torch "
                              "(F.linear), auto (panels on AVX2 CPUs)")
 
