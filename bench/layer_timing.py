@@ -4,9 +4,10 @@
         [--cpu-gemm auto|panels|torch] [--threads 2]
 
 Runs `pre_attention` + `post_attention` of layer 0 (attention output random) as the expert
-service does, with its weight layout, and times every `linear` call inside; prints per token
-count the layer's milliseconds, the GEMM calls' milliseconds and GFLOP/s, and the rest (norms,
-RoPE, routing, SwiGLU activation, gathers). Best of `--repeats`.
+service does, with its weight layout, and times every GEMM call inside (`linear`, and with panels
+the fused `swiglu` / `grouped_swiglu`, whose gathers and epilogues count as GEMM time); prints
+per token count the layer's milliseconds, the GEMM calls' milliseconds and GFLOP/s, and the rest
+(norms, RoPE, routing, activations and gathers outside the GEMMs). Best of `--repeats`.
 """
 
 from __future__ import annotations
@@ -39,14 +40,24 @@ def main() -> None:
     inv_freq = stages.rope_inv_freq(cfg)
     gemm = {"s": 0.0, "flops": 0.0}
 
-    def timed_linear(x, w, bias=None):
-        start = time.perf_counter()
-        y = panel_gemm.linear(x, w, bias)
-        gemm["s"] += time.perf_counter() - start
-        gemm["flops"] += 2.0 * x.numel() * w.shape[-2]
-        return y
+    def timed(fn, flops):
+        def call(*args):
+            start = time.perf_counter()
+            y = fn(*args)
+            gemm["s"] += time.perf_counter() - start
+            gemm["flops"] += flops(*args)
+            return y
+        return call
 
-    moe.linear = stages.linear = timed_linear
+    def linear_flops(x, w, bias=None):
+        return 2.0 * x.numel() * w.shape[-2]
+
+    def experts_flops(x, pair_token, pair_weight, counts, gate_up, down):
+        return 2.0 * pair_token.numel() * x.shape[-1] * (gate_up.shape[-2] + down.shape[-1])
+
+    moe.linear = stages.linear = timed(panel_gemm.linear, linear_flops)
+    panel_gemm.swiglu = timed(panel_gemm.swiglu, linear_flops)
+    panel_gemm.grouped_swiglu = timed(panel_gemm.grouped_swiglu, experts_flops)
     print(f"{'panels' if panels else 'F.linear'} GEMMs, {args.threads} threads")
     for n in (int(t) for t in args.tokens.split(",")):
         hidden = torch.randn(n, cfg.hidden_size)  # [T, H]

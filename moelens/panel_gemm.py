@@ -7,6 +7,10 @@ size costs as much as the multiply. Packed once at load, an MoE layer runs 3.1x 
 faster than with MKL at 4 / 64 / 1024 rows per expert (`moe-lens bench experts`, Zen 3). Model
 code calls `linear` for plain tensors and packed weights alike.
 
+A SwiGLU gate/up weight [.., 2I, K] (gate rows, then up rows) is packed "gated": panel p holds
+gate columns 8p..8p+7 and the same up columns, so the GEMM's epilogue writes silu(gate) * up
+(`swiglu`) and an MoE layer's experts run as one fused call (`grouped_swiglu`).
+
 When panels are used (`resolve_mode`): "auto" picks them on the CPU device with fp32 weights when
 the CPU's best torch kernels are AVX2 (on AVX-512 CPUs MKL's wider kernels are the better choice)
 and the extension builds; "panels" insists (an error if impossible), "torch" never uses them.
@@ -31,10 +35,13 @@ CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 
 @dataclass(frozen=True)
 class PanelWeight:
-    """A weight [..., N, K] stored as panels [..., P, K, 16] (columns past N are zero)."""
+    """A weight [..., N, K] stored as panels [..., P, K, 16] (columns past N are zero).
+
+    gated: a gate/up weight (N = 2I) whose panels hold 8 gate and 8 up columns each."""
 
     panels: torch.Tensor  # [..., P, K, 16]
     out_features: int  # N
+    gated: bool = False
 
     @property
     def in_features(self) -> int:
@@ -47,12 +54,18 @@ class PanelWeight:
 
     def __getitem__(self, index) -> "PanelWeight":
         """Index the leading (expert) dimensions, like the plain [E, N, K] tensor."""
-        return PanelWeight(self.panels[index], self.out_features)
+        return PanelWeight(self.panels[index], self.out_features, self.gated)
 
     def unpack(self) -> torch.Tensor:
         """The plain weight [..., N, K] (for tests and checks)."""
         plain = self.panels.transpose(-1, -2)  # [..., P, 16, K]
-        plain = plain.reshape(*plain.shape[:-3], -1, self.in_features)  # [..., P*16, K]
+        lead, k = plain.shape[:-3], self.in_features
+        if self.gated:
+            pairs = plain.reshape(*lead, -1, 2, PANEL // 2, k)  # [..., P, 2, 8, K]
+            gate, up = (pairs.select(-3, j).reshape(*lead, -1, k)[..., :self.out_features // 2, :]
+                        for j in (0, 1))  # [..., I, K] each
+            return torch.cat([gate, up], dim=-2)
+        plain = plain.reshape(*lead, -1, k)  # [..., P*16, K]
         return plain[..., :self.out_features, :].contiguous()
 
 
@@ -62,8 +75,10 @@ def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*lead, -(-n // PANEL), k, PANEL)
 
 
-def pack(w: torch.Tensor) -> PanelWeight:
-    """Panels of a weight [..., N, K]."""
+def pack(w: torch.Tensor, gated: bool = False) -> PanelWeight:
+    """Panels of a weight [..., N, K]; gated: of a gate/up weight [..., 2I, K] (module doc)."""
+    if gated:
+        return _pack_gated(w)
     *lead, n, k = w.shape
     padded = -(-n // PANEL) * PANEL
     if padded != n:
@@ -72,11 +87,27 @@ def pack(w: torch.Tensor) -> PanelWeight:
     return PanelWeight(panels.contiguous(), n)
 
 
+def _pack_gated(w: torch.Tensor) -> PanelWeight:
+    """[..., 2I, K] -> panels [..., ceil(I / 8), K, 16] of 8 gate then 8 up columns."""
+    *lead, n, k = w.shape
+    if n % 2:
+        raise ValueError(f"a gate/up weight has an even number of rows, got {n}")
+    half, group = n // 2, PANEL // 2
+    padded = -(-half // group) * group  # I rounded up to 8
+    gate, up = (F.pad(t, (0, 0, 0, padded - half)) for t in w.split(half, dim=-2))  # [..., Ip, K]
+    pairs = torch.stack([gate.unflatten(-2, (-1, group)), up.unflatten(-2, (-1, group))],
+                        dim=-3)  # [..., P, 2, 8, K]
+    interleaved = pairs.reshape(*lead, padded * 2, k)  # rows g0..g7 u0..u7 g8..
+    return PanelWeight(pack(interleaved).panels, n, gated=True)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | PanelWeight,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias) for a plain weight or a PanelWeight. x: [..., K] -> [..., N]."""
     if not isinstance(w, PanelWeight):
         return F.linear(x, w, bias)
+    if w.gated:
+        raise ValueError("a gated gate/up weight is multiplied by swiglu, not linear")
     lead = x.shape[:-1]
     y = _extension().linear(x.reshape(-1, x.shape[-1]), w.panels, w.out_features,
                             torch.get_num_threads())  # [M, N]
@@ -85,8 +116,34 @@ def linear(x: torch.Tensor, w: torch.Tensor | PanelWeight,
     return y.view(*lead, w.out_features)
 
 
-def maybe_pack(w: torch.Tensor | None, enabled: bool) -> torch.Tensor | PanelWeight | None:
-    return pack(w) if enabled and w is not None else w
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor | PanelWeight) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for gate_up [2I, K] (gate rows then up rows), plain or
+    gated panels. x: [..., K] -> [..., I]."""
+    if not isinstance(gate_up, PanelWeight):
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [..., I] each
+        return F.silu(gate, inplace=True).mul_(up)  # in place: no [.., I] temporaries
+    if not gate_up.gated:
+        raise ValueError("swiglu needs a gate/up weight packed with gated=True")
+    inter = gate_up.out_features // 2
+    h = _extension().swiglu(x.reshape(-1, x.shape[-1]), gate_up.panels, inter,
+                            torch.get_num_threads())  # [M, I]
+    return h.view(*x.shape[:-1], inter)
+
+
+def grouped_swiglu(x: torch.Tensor, pair_token: torch.Tensor, pair_weight: torch.Tensor,
+                   counts: torch.Tensor, gate_up: PanelWeight, down: PanelWeight) -> torch.Tensor:
+    """An MoE layer's routed experts in one fused call (module doc). x: [T, H]; the R (token,
+    expert) pairs sorted by expert: pair_token [R], pair_weight [R], counts [E] -> out [T, H]."""
+    if not gate_up.gated or down.gated:
+        raise ValueError("grouped_swiglu needs a gated gate/up weight and a plain down weight")
+    return _extension().grouped_swiglu(x, pair_token, pair_weight, counts, gate_up.panels,
+                                       down.panels, gate_up.out_features // 2,
+                                       torch.get_num_threads())
+
+
+def maybe_pack(w: torch.Tensor | None, enabled: bool,
+               gated: bool = False) -> torch.Tensor | PanelWeight | None:
+    return pack(w, gated) if enabled and w is not None else w
 
 
 @lru_cache(maxsize=None)

@@ -116,14 +116,14 @@ def _layer_weights(cfg: ModelConfig, num_experts: int, device: torch.device,
     def plain(*shape: int) -> torch.Tensor:
         return torch.empty(shape, device=device, dtype=dtype).uniform_(-0.02, 0.02)
 
-    def w(*shape: int) -> torch.Tensor | PanelWeight:
-        return panel_gemm.maybe_pack(plain(*shape), panels)
+    def w(*shape: int, gated: bool = False) -> torch.Tensor | PanelWeight:
+        return panel_gemm.maybe_pack(plain(*shape), panels, gated)
 
     weights = {"qkv": w(cfg.q_size + 2 * cfg.kv_size, h), "o": w(h, cfg.q_size),
                "router": plain(cfg.num_experts, h),
-               "gate_up": w(num_experts, 2 * i, h), "down": w(num_experts, h, i)}
+               "gate_up": w(num_experts, 2 * i, h, gated=True), "down": w(num_experts, h, i)}
     if s:
-        weights["shared_gate_up"], weights["shared_down"] = w(2 * s, h), w(h, s)
+        weights["shared_gate_up"], weights["shared_down"] = w(2 * s, h, gated=True), w(h, s)
     return weights
 
 

@@ -101,8 +101,8 @@ def bench_shape(shape: ExpertShape, token_counts: list[int], args: argparse.Name
     gate_up = torch.randn(e, 2 * i, h, generator=gen) * h ** -0.5  # [E, 2I, H]
     down = torch.randn(e, h, i, generator=gen) * i ** -0.5  # [E, H, I]
     router = torch.randn(e, h, generator=gen) * h ** -0.5  # [E, H]
-    packed = (panel_gemm.pack(gate_up), panel_gemm.pack(down)) if panel_gemm.is_supported() \
-        else None
+    packed = ((panel_gemm.pack(gate_up, gated=True), panel_gemm.pack(down))
+              if panel_gemm.is_supported() else None)
     pair_bytes = 3 * h * i * 4
     chunk = max(1, int(args.max_gather_gb * 2 ** 30 // (pair_bytes * shape.top_k)))
     rows = []

@@ -122,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generated tokens, requests, KV tokens); repeatable")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each point this many times in a row (shows the noise)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="job runs per point between its two environment measurements; "
+                             "measured = the median run (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompt ids")
     parser.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS,
                         help=f"running requests at most (default {MAX_NUM_SEQS}; see the module "
@@ -235,17 +238,29 @@ def _measure_environment(ctx: dict, seed: int) -> tuple[list, list]:
     return profiles, jobs
 
 
+def _median_run(ctx: dict, point: GridPoint, seed: int) -> tuple[float, dict[str, float],
+                                                                list[float]]:
+    """The job run `--runs` times: (the median run's wall seconds and phases, every wall)."""
+    runs = []
+    for _ in range(ctx["args"].runs):
+        before = scrape_steps(ctx["metrics_url"])
+        wall = _run_job(ctx["client"], point, ctx["cfg"].vocab_size, seed)
+        runs.append((wall, _phases_since(ctx["metrics_url"], before, wall)))
+    walls = [wall for wall, _ in runs]
+    wall, phases = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    return wall, phases, walls
+
+
 def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResult:
-    """Environment before, the job, environment after; predict from both measurements."""
+    """Environment before, the job (`--runs` times), environment after; predict from both
+    measurements."""
     from services.coordinator.perf_model import Workload, predict
     args, cfg, client = ctx["args"], ctx["cfg"], ctx["client"]
     load_before = os.getloadavg()[0]
     preempted_before = client.server_info().num_preemptions
     profiles, jobs = _measure_environment(ctx, args.seed + 1000 + index)
-    before = scrape_steps(ctx["metrics_url"])
-    wall = _run_job(client, point, cfg.vocab_size, args.seed + index)
-    measured_phases = _phases_since(ctx["metrics_url"], before, wall)
-    preempted = client.server_info().num_preemptions - preempted_before
+    wall, measured_phases, walls = _median_run(ctx, point, args.seed + index)
+    preempted = round((client.server_info().num_preemptions - preempted_before) / args.runs)
     more_profiles, more_jobs = _measure_environment(ctx, args.seed + 2000 + index)
     profile = median_profile(profiles + more_profiles)
     lens = ctx["lens"](profile)
@@ -262,7 +277,7 @@ def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResul
         kv_cache_gb=ctx["kv_gb"], predicted_tokens_per_s=scheduled.total_tokens_per_s,
         measured_tokens_per_s=tokens / wall, bottleneck=scheduled.bottleneck,
         kernels_only_tokens_per_s=bare.stage2_scheduled.total_tokens_per_s,
-        fluid_tokens_per_s=pred.stage2.total_tokens_per_s, wall_s=wall,
+        fluid_tokens_per_s=pred.stage2.total_tokens_per_s, wall_s=wall, run_walls_s=walls,
         predicted_iterations=scheduled.num_iterations,
         predicted_preemptions=scheduled.num_preemptions, measured_preemptions=preempted,
         load_average=(load_before + os.getloadavg()[0]) / 2,
@@ -317,6 +332,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--token-budget must be >= 0 (0: the model's), got {args.token_budget}")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
     if args.warmups < 1:
         raise ValueError(f"--warmups must be >= 1, got {args.warmups}")
     if args.threads is not None and args.threads < 1:

@@ -32,6 +32,9 @@ class PointResult:
     fluid_tokens_per_s: float = 0.0
     """The paper-style Stage 2 (constant-rate admission, kernels + overheads)."""
     wall_s: float = 0.0
+    """Wall seconds of the median job run (the measured throughput's)."""
+    run_walls_s: list[float] = field(default_factory=list)
+    """Every job run's wall seconds (`--runs`)."""
     predicted_iterations: int = 0
     predicted_preemptions: int = 0
     measured_preemptions: int = 0
@@ -103,6 +106,7 @@ def payload(results: list[PointResult]) -> dict[str, Any]:
     diagnostics = [{
         "kernels_only_tokens_per_s": r.kernels_only_tokens_per_s,
         "fluid_tokens_per_s": r.fluid_tokens_per_s, "wall_s": r.wall_s,
+        "run_walls_s": r.run_walls_s,
         "predicted_iterations": r.predicted_iterations,
         "predicted_preemptions": r.predicted_preemptions,
         "measured_preemptions": r.measured_preemptions, "load_average": r.load_average,

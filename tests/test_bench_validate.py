@@ -148,6 +148,8 @@ def test_cli_defaults_and_errors(capsys):
     assert "--max-num-seqs" in capsys.readouterr().err
     assert bench.run(_args("--warmups", "0")) == 2
     assert "--warmups" in capsys.readouterr().err
+    assert args.runs == 3 and bench.run(_args("--runs", "0")) == 2
+    assert "--runs" in capsys.readouterr().err
     assert bench.run(_args("--model", "/nonexistent")) == 2
     assert "config.json" in capsys.readouterr().err
 

@@ -1,5 +1,6 @@
-"""The CPU panel GEMM against float64 F.linear, its packing, its errors, and the expert service's
-weights stored as panels (layer store and grouped experts)."""
+"""The CPU panel GEMM against float64 F.linear, its packing, its errors, its fused SwiGLU and MoE
+epilogues against torch, and the expert service's weights stored as panels (layer store and
+grouped experts)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def test_bad_inputs_raise_clear_errors():
         panel_gemm.linear(torch.randn(2, 15), pw)
     with pytest.raises(ValueError, match="cannot hold 64"):
         panel_gemm.linear(torch.randn(2, 16), panel_gemm.PanelWeight(pw.panels, 64))
-    with pytest.raises(ValueError, match="panels \\[P, K, 16\\]"):
+    with pytest.raises(ValueError, match="panels must be \\[P, K, 16\\]"):
         panel_gemm.linear(torch.randn(2, 16), panel_gemm.PanelWeight(torch.zeros(2, 16, 8), 16))
 
 
@@ -94,14 +95,83 @@ def test_resolve_mode():
         ExpertConfig(attention_address="localhost:1", cpu_gemm="fast")
 
 
-def test_grouped_experts_with_panels_match_loop():
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(70, 48, generator=gen)
-    gate_up, down = torch.randn(8, 2 * 40, 48, generator=gen), torch.randn(8, 48, 40, generator=gen)
-    routing = route(x, torch.randn(8, 48, generator=gen), 2, renormalize=True)
+def _swiglu_reference(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x.double(), gate_up.double()).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def test_gated_pack_round_trips():
+    w = torch.randn(3, 2 * 20, 5)  # [E, 2I, K], I = 20: not a multiple of 8
+    pw = panel_gemm.pack(w, gated=True)
+    assert pw.panels.shape == (3, 3, 5, 16) and pw.gated and pw.shape == (3, 40, 5)
+    assert pw.panels[1, 0, 2, 3] == w[1, 3, 2] and pw.panels[1, 0, 2, 11] == w[1, 23, 2]
+    assert torch.all(pw.panels[:, 2, :, 4:8] == 0) and torch.all(pw.panels[:, 2, :, 12:] == 0)
+    assert torch.equal(pw.unpack(), w) and torch.equal(pw[2].unpack(), w[2])
+    with pytest.raises(ValueError, match="even number of rows"):
+        panel_gemm.pack(torch.randn(7, 4), gated=True)
+    with pytest.raises(ValueError, match="swiglu, not linear"):
+        panel_gemm.linear(torch.randn(2, 5), pw[0])
+    with pytest.raises(ValueError, match="gated=True"):
+        panel_gemm.swiglu(torch.randn(2, 5), panel_gemm.pack(w[0]))
+
+
+# I around the 8-column half panel, K past the 1024-deep block (partial sums parked and reloaded),
+# M past the 144-row block.
+@pytest.mark.parametrize("m", [1, 7, 145])
+@pytest.mark.parametrize("inter,k", [(8, 16), (37, 64), (64, 1030), (21, 2051)])
+def test_swiglu_epilogue_matches_torch(m, inter, k):
+    gen = torch.Generator().manual_seed(m + 13 * inter + k)
+    x = torch.randn(m, k, generator=gen)
+    gate_up = torch.randn(2 * inter, k, generator=gen) * k ** -0.5  # [2I, K]
+    got = panel_gemm.swiglu(x, panel_gemm.pack(gate_up, gated=True))
+    assert got.shape == (m, inter) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), _swiglu_reference(x, gate_up), atol=1e-5, rtol=1e-5)
+    assert torch.equal(panel_gemm.swiglu(x, gate_up), F.silu(F.linear(x, gate_up)[:, :inter])
+                       * F.linear(x, gate_up)[:, inter:])  # plain weights: torch
+
+
+def test_swiglu_epilogue_saturates_like_torch():
+    # gate pre-activations from -200 to 200 (exp clamps at +-88): silu -> 0 and -> x, no inf/nan
+    x = torch.linspace(-200, 200, 401)[:, None]  # [401, 1]
+    gate_up = torch.tensor([[1.0], [1.0]])  # gate = up = x
+    got = panel_gemm.swiglu(x, panel_gemm.pack(gate_up, gated=True))
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, F.silu(x) * x, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("t,h,inter,e", [(70, 48, 40, 8), (9, 20, 1030, 4), (300, 1040, 24, 6)])
+def test_fused_grouped_experts_match_loop(t, h, inter, e):
+    """The fused MoE call (gather, SwiGLU epilogue, weighted scatter-add) against the per-token
+    loop on plain weights: ragged and empty experts, H off the panel width, I or H past KC."""
+    gen = torch.Generator().manual_seed(t + h + inter)
+    x = torch.randn(t, h, generator=gen)
+    gate_up = torch.randn(e, 2 * inter, h, generator=gen) * h ** -0.5
+    down = torch.randn(e, h, inter, generator=gen) * inter ** -0.5
+    router = torch.randn(e, h, generator=gen)
+    router[e - 1] = -1e3  # the last expert is never picked
+    routing = route(x, router, 2, renormalize=False)
     expected = loop_experts_reference(x, routing, gate_up, down)
-    got = grouped_experts(x, routing, panel_gemm.pack(gate_up), panel_gemm.pack(down))
-    assert torch.allclose(got, expected, atol=1e-3, rtol=1e-5)
+    got = grouped_experts(x, routing, panel_gemm.pack(gate_up, gated=True), panel_gemm.pack(down))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_grouped_experts_reject_bad_pairs():
+    gate_up = panel_gemm.pack(torch.randn(2, 8, 4), gated=True)  # E = 2, I = 4, H = 4
+    down = panel_gemm.pack(torch.randn(2, 4, 4))
+    x, weight = torch.randn(3, 4), torch.ones(2)
+
+    def call(tokens, counts, up=gate_up):
+        return panel_gemm.grouped_swiglu(x, torch.tensor(tokens), weight, torch.tensor(counts),
+                                         up, down)
+
+    with pytest.raises(ValueError, match="names token 3, x has 3"):
+        call([0, 3], [1, 1])
+    with pytest.raises(ValueError, match="counts sum to 3, there are 2 pairs"):
+        call([0, 1], [1, 2])
+    with pytest.raises(ValueError, match="number of experts"):
+        call([0, 1], [2])
+    with pytest.raises(ValueError, match="gated gate/up weight and a plain down"):
+        call([0, 1], [1, 1], up=down)
 
 
 @pytest.mark.parametrize("num_resident", [0, 2])

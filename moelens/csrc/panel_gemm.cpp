@@ -13,6 +13,13 @@
 // read once per MC rows of x). Threads split the W panels; x is packed cooperatively. The
 // AVX2 path is compiled under a target attribute and chosen at run time; `supported()` says
 // whether this CPU has it (the Python side uses torch's F.linear where it does not).
+//
+// The MoE expert MLP runs fused (`grouped_swiglu`): the rows of each expert are gathered from the
+// token activations while x is packed, the gate/up GEMM's epilogue writes silu(gate) * up (its
+// weight is packed "gated": each panel holds 8 gate columns and the same 8 up columns, so one
+// micro-tile has both), and the down GEMM's epilogue scales each row by its routing weight and
+// adds it into its token's output row. No [rows, 2I] activation, gathered copy of x or
+// [rows, H] expert output is ever written.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -44,9 +51,17 @@ bool cpu_supported() {
 #endif
 }
 
-// Rows [m0, m0 + mc) x columns [k0, k0 + kc) of x (row stride lda) as micro-panels
-// [ceil(mc / 6)][kc][6], rows past mc zero. Micro-panels are shared out over the calling team.
-void pack_x(const float* x, int64_t lda, int64_t m0, int mc, int64_t k0, int kc, float* out) {
+// Where the GEMM reads row r of x: row index[r] (a gather) or r, `stride` floats apart.
+struct Rows {
+  const float* x;
+  int64_t stride;
+  const int64_t* index;  // nullptr: rows in order
+  const float* row(int64_t r) const { return x + (index ? index[r] : r) * stride; }
+};
+
+// Rows [m0, m0 + mc) x columns [k0, k0 + kc) of x as micro-panels [ceil(mc / 6)][kc][6], rows
+// past mc zero. Micro-panels are shared out over the calling team.
+void pack_x(const Rows& x, int64_t m0, int mc, int64_t k0, int kc, float* out) {
   const int panels = (mc + MR - 1) / MR;
 #pragma omp for schedule(static)
   for (int mp = 0; mp < panels; ++mp) {
@@ -57,18 +72,138 @@ void pack_x(const float* x, int64_t lda, int64_t m0, int mc, int64_t k0, int kc,
         for (int k = 0; k < kc; ++k) o[k * MR + r] = 0.f;
         continue;
       }
-      const float* src = x + (m0 + mp * MR + r) * lda + k0;
+      const float* src = x.row(m0 + mp * MR + r) + k0;
       for (int k = 0; k < kc; ++k) o[k * MR + r] = src[k];
     }
   }
 }
 
 #if MOELENS_PANEL_X86
-// c[rows, cols] (+)= a[kc][6] · b[kc][16] for the first `rows` rows and `cols` columns.
-__attribute__((target("avx2,fma"))) void micro_kernel(const float* __restrict a,
-                                                      const float* __restrict b, int kc,
-                                                      float* c, int64_t ldc, int rows, int cols,
-                                                      bool accumulate) {
+#define MOELENS_AVX2 __attribute__((target("avx2,fma")))
+
+// The 16 accumulated columns of one row of a micro-tile, and where they sit in the GEMM.
+struct Tile {
+  __m256 lo, hi;   // columns 0-7 and 8-15 of panel p
+  int64_t row;     // row of x (before any gather)
+  int local;       // row within the current MC block
+  int64_t panel;   // p
+  bool first;      // the first KC block of the reduction (nothing accumulated yet)
+  bool last;       // the last KC block (the sum is complete)
+};
+
+// Store `n` <= 8 floats of v at dst (the partial last panel).
+MOELENS_AVX2 inline void store_n(float* dst, __m256 v, int n) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  for (int j = 0; j < n; ++j) dst[j] = t[j];
+}
+
+MOELENS_AVX2 inline __m256 load_n(const float* src, int n) {
+  alignas(32) float t[8] = {};
+  for (int j = 0; j < n; ++j) t[j] = src[j];
+  return _mm256_load_ps(t);
+}
+
+// dst[0:cols] += v (cols <= 16), or = v when `add` is false.
+MOELENS_AVX2 inline void put16(float* dst, __m256 lo, __m256 hi, int cols, bool add) {
+  if (cols == NR) {
+    if (add) {
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst));
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst + 8));
+    }
+    _mm256_storeu_ps(dst, lo);
+    _mm256_storeu_ps(dst + 8, hi);
+    return;
+  }
+  const int nlo = std::min(cols, 8), nhi = cols - nlo;
+  if (add) {
+    lo = _mm256_add_ps(lo, load_n(dst, nlo));
+    if (nhi > 0) hi = _mm256_add_ps(hi, load_n(dst + 8, nhi));
+  }
+  store_n(dst, lo, nlo);
+  if (nhi > 0) store_n(dst + 8, hi, nhi);
+}
+
+// e^x for |x| <= 88.37 (clamped outside), Cephes' expf: 2^n · p(r), relative error ~1e-7.
+MOELENS_AVX2 inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
+                    _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// silu(g) = g / (1 + e^-g), as torch computes it.
+MOELENS_AVX2 inline __m256 silu(__m256 g) {
+  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+
+// y[row, panel columns] = the tile (+ what earlier KC blocks left there).
+struct StoreOut {
+  float* y;
+  int64_t n;  // N = the row stride of y
+  MOELENS_AVX2 void operator()(const Tile& t) const {
+    put16(y + t.row * n + t.panel * NR, t.lo, t.hi, int(std::min<int64_t>(NR, n - t.panel * NR)),
+          !t.first);
+  }
+};
+
+// h[row, 8p : 8p + 8] = silu(gate) * up for a gated weight (lo: gate, hi: up). A reduction over
+// several KC blocks parks its partial sums in `partial` [MC][P * 16] until the last block.
+struct SwiGluOut {
+  float* h;
+  int64_t inter;     // I = the row stride of h
+  float* partial;    // nullptr when K fits one KC block
+  int64_t partial_n; // P * 16
+  MOELENS_AVX2 void operator()(const Tile& t) const {
+    __m256 gate = t.lo, up = t.hi;
+    float* part = partial ? partial + t.local * partial_n + t.panel * NR : nullptr;
+    if (!t.first) {
+      gate = _mm256_add_ps(gate, _mm256_loadu_ps(part));
+      up = _mm256_add_ps(up, _mm256_loadu_ps(part + 8));
+    }
+    if (!t.last) {
+      _mm256_storeu_ps(part, gate);
+      _mm256_storeu_ps(part + 8, up);
+      return;
+    }
+    const __m256 v = _mm256_mul_ps(silu(gate), up);
+    const int cols = int(std::min<int64_t>(8, inter - t.panel * 8));
+    float* dst = h + t.row * inter + t.panel * 8;
+    if (cols == 8) _mm256_storeu_ps(dst, v); else store_n(dst, v, cols);
+  }
+};
+
+// out[dest[row], panel columns] += scale[row] * tile: the down projection's rows weighted by
+// their routing weight and summed into their token's row (linear, so per KC block is exact).
+struct ScatterAddOut {
+  float* out;
+  int64_t n;  // N = the row stride of out
+  const int64_t* dest;
+  const float* scale;
+  MOELENS_AVX2 void operator()(const Tile& t) const {
+    const __m256 s = _mm256_set1_ps(scale[t.row]);
+    put16(out + dest[t.row] * n + t.panel * NR, _mm256_mul_ps(t.lo, s), _mm256_mul_ps(t.hi, s),
+          int(std::min<int64_t>(NR, n - t.panel * NR)), true);
+  }
+};
+
+// Rows [row0, row0 + rows) of the tile a[kc][6] · b[kc][16], handed to `out`.
+template <class Out>
+MOELENS_AVX2 void micro_kernel(const float* __restrict a, const float* __restrict b, int kc,
+                               const Out& out, Tile where, int rows) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int k = 0; k < kc; ++k) {
@@ -93,35 +228,24 @@ __attribute__((target("avx2,fma"))) void micro_kernel(const float* __restrict a,
     a += MR;
     b += NR;
   }
-  alignas(32) float tile[MR][NR];
   const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
                              {c30, c31}, {c40, c41}, {c50, c51}};
   for (int r = 0; r < rows; ++r) {
-    float* cr = c + r * ldc;
-    if (cols == NR) {
-      __m256 lo = acc[r][0], hi = acc[r][1];
-      if (accumulate) {
-        lo = _mm256_add_ps(lo, _mm256_loadu_ps(cr));
-        hi = _mm256_add_ps(hi, _mm256_loadu_ps(cr + 8));
-      }
-      _mm256_storeu_ps(cr, lo);
-      _mm256_storeu_ps(cr + 8, hi);
-    } else {  // the last panel of an N that is not a multiple of 16
-      _mm256_store_ps(tile[r], acc[r][0]);
-      _mm256_store_ps(tile[r] + 8, acc[r][1]);
-      for (int j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + tile[r][j] : tile[r][j];
-    }
+    where.lo = acc[r][0];
+    where.hi = acc[r][1];
+    out(where);
+    ++where.row;
+    ++where.local;
   }
 }
 #endif
 
-void run(const float* x, int64_t lda, const float* wp, float* y, int64_t M, int64_t N, int64_t K,
-         int num_threads) {
+// x[M, K] (gathered through `x.index`) times the panels wp[P, K, 16], each finished tile handed
+// to `out`. `xpack` holds one packed MC x KC block.
+template <class Out>
+void run(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const Out& out,
+         float* xpack, int num_threads) {
 #if MOELENS_PANEL_X86
-  const int64_t P = (N + NR - 1) / NR;
-  const int kc_max = int(std::min<int64_t>(KC, K)), mc_max = int(std::min<int64_t>(MC, M));
-  std::vector<float> xpack(size_t((mc_max + MR - 1) / MR * MR) * kc_max);
-  float* xp = xpack.data();
 #pragma omp parallel num_threads(num_threads)
   {
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
@@ -130,15 +254,16 @@ void run(const float* x, int64_t lda, const float* wp, float* y, int64_t M, int6
       const int mc = int(std::min<int64_t>(MC, M - m0));
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int kc = int(std::min<int64_t>(KC, K - k0));
-        pack_x(x, lda, m0, mc, k0, kc, xp);  // ends with the team's barrier
+        pack_x(x, m0, mc, k0, kc, xpack);  // ends with the team's barrier
         for (int64_t p = p0; p < p1; ++p) {
           const float* panel = wp + (p * K + k0) * NR;
-          const int cols = int(std::min<int64_t>(NR, N - p * NR));
-          for (int mp = 0; mp * MR < mc; ++mp)
-            micro_kernel(xp + int64_t(mp) * kc * MR, panel, kc, y + (m0 + mp * MR) * N + p * NR,
-                         N, std::min(MR, mc - mp * MR), cols, k0 > 0);
+          for (int mp = 0; mp * MR < mc; ++mp) {
+            const Tile where{{}, {}, m0 + mp * MR, mp * MR, p, k0 == 0, k0 + kc == K};
+            micro_kernel(xpack + int64_t(mp) * kc * MR, panel, kc, out, where,
+                         std::min(MR, mc - mp * MR));
+          }
         }
-#pragma omp barrier  // everyone is done with xp before it is repacked
+#pragma omp barrier  // everyone is done with xpack before it is repacked
       }
     }
   }
@@ -147,39 +272,166 @@ void run(const float* x, int64_t lda, const float* wp, float* y, int64_t M, int6
 #endif
 }
 
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
-                     int64_t num_threads) {
-  TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32 && wp.scalar_type() == torch::kFloat32,
-                    "panel GEMM: x and the panels must be float32, got ", x.scalar_type(),
-                    " and ", wp.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 && wp.dim() == 3 && wp.size(2) == NR,
-                    "panel GEMM: x must be [M, K] and the panels [P, K, 16], got ", x.sizes(),
-                    " and ", wp.sizes());
-  TORCH_CHECK_VALUE(wp.size(1) == x.size(1), "panel GEMM: x has K = ", x.size(1),
-                    " columns, the panels K = ", wp.size(1));
-  TORCH_CHECK_VALUE(out_features > (wp.size(0) - 1) * NR && out_features <= wp.size(0) * NR,
-                    "panel GEMM: ", wp.size(0), " panels cannot hold ", out_features,
-                    " output features");
-  TORCH_CHECK_VALUE(num_threads >= 1, "panel GEMM: num_threads must be >= 1");
+// Scratch for one packed MC x KC block of x.
+std::vector<float> pack_buffer(int64_t M, int64_t K) {
+  const int64_t mc = std::min<int64_t>(MC, M), kc = std::min<int64_t>(KC, K);
+  return std::vector<float>(size_t((mc + MR - 1) / MR * MR * kc));
+}
+
+void check_cpu() {
   static const bool supported = cpu_supported();  // once per process, not per call
   TORCH_CHECK_VALUE(supported, "panel GEMM needs a CPU with AVX2 and FMA");
-  // Rows may be strided (e.g. the gate half of a [M, 2I] activation); elements must not be.
-  const auto xc = x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
+}
+
+// Panels [.., P, K, 16] of float32 holding `out_features` columns over K = `in_features`.
+void check_panels(const torch::Tensor& wp, int64_t dims, int64_t in_features,
+                  int64_t out_features, const char* what) {
+  TORCH_CHECK_VALUE(wp.scalar_type() == torch::kFloat32, "panel GEMM: ", what,
+                    " panels must be float32, got ", wp.scalar_type());
+  TORCH_CHECK_VALUE(wp.dim() == dims && wp.size(-1) == NR, "panel GEMM: ", what,
+                    " panels must be ", dims == 3 ? "[P, K, 16]" : "[E, P, K, 16]", ", got ",
+                    wp.sizes());
+  TORCH_CHECK_VALUE(wp.size(-2) == in_features, "panel GEMM: x has K = ", in_features,
+                    " columns, the ", what, " panels K = ", wp.size(-2));
+  TORCH_CHECK_VALUE(out_features > (wp.size(-3) - 1) * NR && out_features <= wp.size(-3) * NR,
+                    "panel GEMM: ", wp.size(-3), " ", what, " panels cannot hold ", out_features,
+                    " output features");
+}
+
+void check_x(const torch::Tensor& x, int64_t num_threads) {
+  TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32,
+                    "panel GEMM: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "panel GEMM: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK_VALUE(num_threads >= 1, "panel GEMM: num_threads must be >= 1");
+  check_cpu();
+}
+
+// Rows may be strided (e.g. the gate half of a [M, 2I] activation); elements must not be.
+torch::Tensor row_major(const torch::Tensor& x) {
+  return x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
+                     int64_t num_threads) {
+  check_x(x, num_threads);
+  check_panels(wp, 3, x.size(1), out_features, "weight");
+  const auto xc = row_major(x);
   const auto wc = wp.contiguous();
   auto y = torch::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0) return y;
   if (x.size(1) == 0) return y.zero_();
   {
     pybind11::gil_scoped_release no_gil;
-    run(xc.data_ptr<float>(), xc.stride(0), wc.data_ptr<float>(), y.data_ptr<float>(),
-        x.size(0), out_features, x.size(1), int(num_threads));
+    auto xpack = pack_buffer(x.size(0), x.size(1));
+#if MOELENS_PANEL_X86
+    run(Rows{xc.data_ptr<float>(), xc.stride(0), nullptr}, wc.data_ptr<float>(), x.size(0),
+        wc.size(0), x.size(1), StoreOut{y.data_ptr<float>(), out_features}, xpack.data(),
+        int(num_threads));
+#endif
   }
   return y;
+}
+
+#if MOELENS_PANEL_X86
+// silu(x · gate^T) * (x · up^T) for rows x.row(0..M) and a gated weight wp [P, K, 16]: h [M, I].
+void swiglu_rows(const Rows& x, int64_t M, int64_t K, const float* wp, int64_t P, int64_t inter,
+                 float* h, float* xpack, std::vector<float>& partial, int num_threads) {
+  if (K > KC) partial.resize(size_t(std::min<int64_t>(MC, M) * P * NR));
+  run(x, wp, M, P, K, SwiGluOut{h, inter, K > KC ? partial.data() : nullptr, P * NR}, xpack,
+      num_threads);
+}
+#endif
+
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t inter,
+                     int64_t num_threads) {
+  check_x(x, num_threads);
+  check_panels(wp, 3, x.size(1), 2 * inter, "gate/up");
+  TORCH_CHECK_VALUE(wp.size(0) == (inter + 7) / 8, "panel GEMM: a gated weight of I = ", inter,
+                    " has ", (inter + 7) / 8, " panels, got ", wp.size(0));
+  TORCH_CHECK_VALUE(x.size(1) > 0, "panel GEMM: x has no columns");
+  const auto xc = row_major(x);
+  const auto wc = wp.contiguous();
+  auto h = torch::empty({x.size(0), inter}, x.options());
+  if (x.size(0) == 0) return h;
+  {
+    pybind11::gil_scoped_release no_gil;
+    auto xpack = pack_buffer(x.size(0), x.size(1));
+    std::vector<float> partial;
+#if MOELENS_PANEL_X86
+    swiglu_rows(Rows{xc.data_ptr<float>(), xc.stride(0), nullptr}, x.size(0), x.size(1),
+                wc.data_ptr<float>(), wc.size(0), inter, h.data_ptr<float>(), xpack.data(),
+                partial, int(num_threads));
+#endif
+  }
+  return h;
+}
+
+// The routed experts of an MoE layer: out[t] = sum over t's picks (e, w) of
+// w * down_e(silu(gate_e(x[t])) * up_e(x[t])). The (token, expert) pairs come sorted by expert:
+// pair_token[R] their token, pair_weight[R] their routing weight, counts[E] pairs per expert.
+torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& pair_token,
+                             const torch::Tensor& pair_weight, const torch::Tensor& counts,
+                             const torch::Tensor& gate_up, const torch::Tensor& down,
+                             int64_t inter, int64_t num_threads) {
+  check_x(x, num_threads);
+  const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), R = pair_token.numel();
+  check_panels(gate_up, 4, H, 2 * inter, "gate/up");
+  check_panels(down, 4, inter, H, "down");
+  TORCH_CHECK_VALUE(gate_up.size(1) == (inter + 7) / 8, "panel GEMM: a gated weight of I = ",
+                    inter, " has ", (inter + 7) / 8, " panels, got ", gate_up.size(1));
+  TORCH_CHECK_VALUE(down.size(0) == E && counts.numel() == E,
+                    "panel GEMM: gate/up, down and counts disagree on the number of experts (",
+                    E, ", ", down.size(0), ", ", counts.numel(), ")");
+  TORCH_CHECK_VALUE(pair_token.scalar_type() == torch::kInt64 &&
+                        counts.scalar_type() == torch::kInt64,
+                    "panel GEMM: pair_token and counts must be int64");
+  TORCH_CHECK_VALUE(pair_weight.scalar_type() == torch::kFloat32 && pair_weight.numel() == R,
+                    "panel GEMM: pair_weight must be float32 with one weight per pair");
+  TORCH_CHECK_VALUE(H > 0 && inter > 0, "panel GEMM: empty hidden or intermediate size");
+  const auto xc = x.contiguous(), tokens = pair_token.contiguous().cpu();
+  const auto weights = pair_weight.contiguous(), per_expert = counts.contiguous().cpu();
+  const auto gu = gate_up.contiguous(), dn = down.contiguous();
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* cnt = per_expert.data_ptr<int64_t>();
+  int64_t total = 0, widest = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(cnt[e] >= 0, "panel GEMM: negative count for expert ", e);
+    total += cnt[e];
+    widest = std::max(widest, cnt[e]);
+  }
+  TORCH_CHECK_VALUE(total == R, "panel GEMM: counts sum to ", total, ", there are ", R, " pairs");
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK_VALUE(tok[r] >= 0 && tok[r] < T, "panel GEMM: pair ", r, " names token ",
+                      tok[r], ", x has ", T);
+  auto out = torch::zeros({T, H}, x.options());
+  if (R == 0) return out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    auto xpack = pack_buffer(widest, std::max(H, inter));
+    std::vector<float> h(size_t(widest * inter)), partial;
+#if MOELENS_PANEL_X86
+    const int64_t p_up = gu.size(1), p_down = dn.size(1);
+    const float* w = weights.data_ptr<float>();
+    int64_t start = 0;
+    for (int64_t e = 0; e < E; start += cnt[e], ++e) {
+      if (cnt[e] == 0) continue;
+      swiglu_rows(Rows{xc.data_ptr<float>(), H, tok + start}, cnt[e], H,
+                  gu.data_ptr<float>() + e * p_up * H * NR, p_up, inter, h.data(), xpack.data(),
+                  partial, int(num_threads));
+      run(Rows{h.data(), inter, nullptr}, dn.data_ptr<float>() + e * p_down * inter * NR, cnt[e],
+          p_down, inter, ScatterAddOut{out.data_ptr<float>(), H, tok + start, w + start},
+          xpack.data(), int(num_threads));
+    }
+#endif
+  }
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ W^T with W packed as [P, K, 16] panels");
+  m.def("swiglu", &swiglu, "silu(x @ gate^T) * (x @ up^T) for a gated [P, K, 16] weight");
+  m.def("grouped_swiglu", &grouped_swiglu, "an MoE layer's routed experts, fused");
   m.def("supported", &cpu_supported, "this CPU has AVX2 and FMA");
 }

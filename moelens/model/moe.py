@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moelens import panel_gemm
 from moelens.panel_gemm import PanelWeight, linear
 
 
@@ -38,21 +39,25 @@ Weight = torch.Tensor | PanelWeight  # plain, or packed for the CPU device's pan
 
 def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)). x: [T, H]; gate_up: [2I, H]; down: [H, I] -> [T, H]."""
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each, views of one [T, 2I]
-    return linear(F.silu(gate, inplace=True).mul_(up), down)  # in place: no [T, I] temporaries
+    return linear(panel_gemm.swiglu(x, gate_up), down)  # [T, I] -> [T, H]
 
 
 def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: Weight,
                     down: Weight) -> torch.Tensor:
     """Sum over each token's top-k experts of weight * expert(x), one GEMM per active expert.
 
-    x: [T, H]; gate_up: [E, 2I, H]; down: [E, H, I] -> [T, H].
+    x: [T, H]; gate_up: [E, 2I, H]; down: [E, H, I] -> [T, H]. With panel weights the whole
+    layer is one fused call (panel_gemm.grouped_swiglu); the torch path below is the same math.
     """
     num_tokens, top_k = routing.experts.shape
     flat_experts = routing.experts.reshape(-1)  # [T*K]
     order = torch.argsort(flat_experts, stable=True)  # pairs grouped by expert
     token_of_pair = order // top_k  # [T*K]
-    counts = torch.bincount(flat_experts, minlength=gate_up.shape[0]).tolist()
+    bins = torch.bincount(flat_experts, minlength=gate_up.shape[0])  # [E]
+    if isinstance(gate_up, PanelWeight):
+        pair_weight = routing.weights.reshape(-1)[order].contiguous()  # [T*K]
+        return panel_gemm.grouped_swiglu(x, token_of_pair, pair_weight, bins, gate_up, down)
+    counts = bins.tolist()
     rows = x.index_select(0, token_of_pair)  # [T*K, H] sorted by expert
     out_rows = torch.empty_like(rows)
     start = 0

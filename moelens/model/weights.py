@@ -16,6 +16,8 @@ import torch
 # LayerWeights fields that are GEMM weights [.., N, K] (what the CPU device packs into panels).
 GEMM_FIELDS = frozenset({"qkv_proj", "o_proj", "experts_gate_up", "experts_down",
                          "shared_gate_up", "shared_down", "dense_gate_up", "dense_down"})
+# The SwiGLU gate/up weights among them (packed "gated": see moelens.panel_gemm).
+GATED_FIELDS = frozenset({"experts_gate_up", "shared_gate_up", "dense_gate_up"})
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moelens import panel_gemm
-from moelens.model.weights import GEMM_FIELDS, LayerWeights
+from moelens.model.weights import GATED_FIELDS, GEMM_FIELDS, LayerWeights
 
 PACKET_BYTES = 100 * 2**20
 ALIGN = 16  # elements: every tensor starts on a 64-byte boundary (fp32)
@@ -46,7 +46,8 @@ class PackedLayout:
     def pack(self, layer: LayerWeights, out: torch.Tensor) -> torch.Tensor:
         tensors = layer.tensors()
         for name, offset, shape, out_features in self.entries:
-            stored = panel_gemm.pack(tensors[name]).panels if out_features else tensors[name]
+            stored = (panel_gemm.pack(tensors[name], name in GATED_FIELDS).panels if out_features
+                      else tensors[name])
             out[offset:offset + stored.numel()].copy_(stored.reshape(-1))
         return out
 
@@ -54,7 +55,8 @@ class PackedLayout:
         views = {}
         for name, offset, shape, out_features in self.entries:
             view = flat[offset:offset + math.prod(shape)].view(shape)
-            views[name] = panel_gemm.PanelWeight(view, out_features) if out_features else view
+            views[name] = (panel_gemm.PanelWeight(view, out_features, name in GATED_FIELDS)
+                           if out_features else view)
         return LayerWeights(**views)
 
 
