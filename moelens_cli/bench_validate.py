@@ -255,7 +255,7 @@ def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResul
     """Environment before, the job (`--runs` times), environment after; predict from both
     measurements."""
     from services.coordinator.perf_model import Workload, predict
-    args, cfg, client = ctx["args"], ctx["cfg"], ctx["client"]
+    args, client = ctx["args"], ctx["client"]
     load_before = os.getloadavg()[0]
     preempted_before = client.server_info().num_preemptions
     profiles, jobs = _measure_environment(ctx, args.seed + 1000 + index)
