@@ -52,7 +52,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleOutput:
     for r, row in enumerate(rows):
         if row.suppress_token_ids:
             logits[r, list(row.suppress_token_ids)] = float("-inf")
-    logprobs_all = torch.log_softmax(logits, dim=-1)  # [R, V]
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [R, 1]: no [R, V] log-softmax
     chosen = torch.argmax(logits, dim=-1)  # greedy default
     for r, row in enumerate(rows):
         p = row.params
@@ -61,10 +61,10 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleOutput:
         scaled = _filter_row(logits[r] / p.temperature, p.top_k, p.top_p)
         chosen[r] = _draw(torch.softmax(scaled, dim=-1), row.seed, row.step)
     width = max((row.params.logprobs or 0 for row in rows), default=0)
-    top = torch.topk(logprobs_all, width, dim=-1) if width else None
+    top = torch.topk(logits, width, dim=-1) if width else None  # same order as the log-probs
     return SampleOutput(
         token_ids=chosen,
-        logprobs=logprobs_all.gather(1, chosen[:, None])[:, 0],
+        logprobs=(logits.gather(1, chosen[:, None]) - log_norm)[:, 0],
         top_ids=top.indices if top else torch.empty(len(rows), 0, dtype=torch.int64),
-        top_logprobs=top.values if top else torch.empty(len(rows), 0),
+        top_logprobs=top.values - log_norm if top else torch.empty(len(rows), 0),
     )
