@@ -224,7 +224,10 @@ def report(args: argparse.Namespace, setup: Setup, result: common.ThroughputResu
         payload.update(_prediction(
             "Calibrated prediction", scheduled, scheduled.bottleneck, result,
             "services' warmup profile + step overheads of 5 calibration jobs (as bench validate)"),
-            kernels_only_predicted_output_tokens_per_s=kernels_only, calibrated_prediction=True)
+            kernels_only_predicted_output_tokens_per_s=kernels_only, calibrated_prediction=True,
+            calibrated_components_s=dict(scheduled.components_s))
+        print("  predicted seconds: " + ", ".join(
+            f"{name} {seconds:.2f}" for name, seconds in scheduled.components_s.items()))
     if steps is not None:
         print(bench_steps.format_steps(steps, result.elapsed_s))
         payload["step_timings"] = dataclasses.asdict(steps)

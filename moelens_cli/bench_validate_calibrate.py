@@ -9,7 +9,8 @@ own phase timers (the coordinator's /metrics):
 
 - A: 1 request and B: `num_seqs` requests of 8-token prompts decoding 64 tokens together;
 - C, D, E: prompts of b, b/2 and b/4 tokens filling the token budget b (512 in bench validate)
-  1, 2 and 4 to an iteration, 6 iterations each.
+  1, 2 and 4 to an iteration, 6 iterations each (above 1024 tokens, b is split into
+  ceil(b / 1024) prompts: 1024, 512 and 256 tokens, 8, 16 and 32 to an iteration at b = 8192).
 
 Prefill attention: the prefill_attention phase of A…E per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
@@ -43,6 +44,11 @@ budget (LONG_PROMPT when there is none): the in-situ GEMM scale is measured at t
 the job runs at (scaled at 512 tokens, the prediction for bench-mixtral's 256-request job with
 its ~1100-token iterations was 12% pessimistic; scaled at the budget, 3%). Three lengths keep
 the per-token and per-FLOP terms apart; six iterations each average the machine's noise."""
+MAX_PROMPT = 1024
+"""Longest calibration prompt: a larger budget is filled with more prompts, not longer ones.
+Prefill attention grows with the square of the prompt; 8192-token prompts (a budget of 8192)
+made the calibration and its attention fit about attention work no served job of short prompts
+has (the 256-request job was then predicted 14% slow)."""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 
 
@@ -127,11 +133,13 @@ def calibration_shapes(deployment,
     """(prompt_len, gen_len, requests) of calibration jobs A…E for this deployment (prompts of
     at most `max_prompt_len` tokens: the model's context less the generated token)."""
     num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
-    long_prompt = deployment.token_budget or LONG_PROMPT
-    long_prompt = min(long_prompt, max_prompt_len or long_prompt)
+    budget = deployment.token_budget or LONG_PROMPT
+    fill = -(-budget // MAX_PROMPT)  # prompts of the longest kind per iteration
+    long_prompt = min(budget // fill, max_prompt_len or budget)
     p, g = CALIBRATION_PROMPT, CALIBRATION_GEN
     return [(p, g, 1), (p, g, num_seqs)] + [
-        (long_prompt // per_step, 1, per_step * PREFILL_STEPS) for per_step in PROMPTS_PER_STEP]
+        (long_prompt // per_step, 1, fill * per_step * PREFILL_STEPS)
+        for per_step in PROMPTS_PER_STEP]
 
 
 def run_calibrations(client, metrics_url: str, deployment, vocab_size: int,

@@ -162,3 +162,7 @@ def test_calibration_prefills_fill_the_token_budget_within_the_context():
         [511, 255, 127]
     bare = Deployment(kv_cache_bytes=1 << 30)  # no budget, no running cap: 512 tokens, 24 seqs
     assert calibration_shapes(bare)[1:3] == [(8, 64, 24), (512, 1, 6)]
+    big = Deployment(kv_cache_bytes=1 << 30, token_budget=8192, max_num_seqs=256)
+    assert calibration_shapes(big)[2:] == [(1024, 1, 48), (512, 1, 96), (256, 1, 192)]
+    odd = Deployment(kv_cache_bytes=1 << 30, token_budget=1289, max_num_seqs=256)
+    assert calibration_shapes(odd)[2:] == [(644, 1, 12), (322, 1, 24), (161, 1, 48)]
