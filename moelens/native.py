@@ -25,6 +25,8 @@ import platformdirs
 import torch
 
 CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+SHARED_INCLUDE = Path(__file__).resolve().parent / "csrc" / "common"
+"""Headers every extension may include (on the include path, in every build key)."""
 LDFLAGS = ("-fopenmp",)
 
 
@@ -33,9 +35,10 @@ def cache_root() -> Path:
 
 
 def build_key(csrc_dir: Path, cflags: tuple[str, ...]) -> str:
-    """A digest of every .cpp/.h in csrc_dir, the torch and Python versions and the flags."""
+    """A digest of every .cpp/.h in csrc_dir and SHARED_INCLUDE, the torch and Python versions
+    and the flags."""
     digest = hashlib.sha256()
-    for path in sorted(csrc_dir.iterdir()):
+    for path in sorted(csrc_dir.iterdir()) + sorted(SHARED_INCLUDE.iterdir()):
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     tags = (torch.__version__, sys.implementation.cache_tag, platform.machine(), *cflags)
@@ -79,7 +82,7 @@ def load_or_build(prefix: str, csrc_dir: Path, source: str, extra_cflags: tuple[
         try:
             module = cpp_extension.load(
                 name=name, sources=[str(csrc_dir / source)], extra_cflags=list(cflags),
-                extra_ldflags=list(ldflags), extra_include_paths=[str(csrc_dir)],
+                extra_ldflags=list(ldflags), extra_include_paths=[str(csrc_dir), str(SHARED_INCLUDE)],
                 build_directory=str(build_dir), verbose=False)
             os.rename(build_dir, final)
         finally:

@@ -30,6 +30,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "simd_exp.h"
 #define MOELENS_PANEL_X86 1
 #else
 #define MOELENS_PANEL_X86 0
@@ -124,29 +126,9 @@ MOELENS_AVX2 inline void put16(float* dst, __m256 lo, __m256 hi, int cols, bool 
   if (nhi > 0) store_n(dst + 8, hi, nhi);
 }
 
-// e^x for |x| <= 88.37 (clamped outside), Cephes' expf: 2^n · p(r), relative error ~1e-7.
-MOELENS_AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
-                    _mm256_set1_ps(88.3762626647949f));
-  const __m256 n = _mm256_floor_ps(
-      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 // silu(g) = g / (1 + e^-g), as torch computes it.
 MOELENS_AVX2 inline __m256 silu(__m256 g) {
-  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  const __m256 e = moelens::exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
   return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
 }
 

@@ -17,6 +17,8 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MOELENS_X86_ISAS 1
 #include <immintrin.h>
+
+#include "simd_exp.h"
 #else
 #define MOELENS_X86_ISAS 0
 #endif
@@ -125,25 +127,7 @@ struct VecAvx2 {
     const R lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
     _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
   }
-  // Cephes-style expf: x = n ln2 + r, degree-5 polynomial for e^r, 2^n through the exponent
-  // bits. ~2 ulp; inputs below -87 give ~0, so masked (-inf) scores vanish.
-  static R exp(R x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.3f)), set1(88.3f));
-    R fx = _mm256_round_ps(mul(x, set1(1.44269504088896341f)),
-                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = fma(fx, set1(-0.693359375f), x);
-    x = fma(fx, set1(2.12194440e-4f), x);
-    R y = set1(1.9875691500e-4f);
-    y = fma(y, x, set1(1.3981999507e-3f));
-    y = fma(y, x, set1(8.3334519073e-3f));
-    y = fma(y, x, set1(4.1665795894e-2f));
-    y = fma(y, x, set1(1.6666665459e-1f));
-    y = fma(y, x, set1(5.0000001201e-1f));
-    y = fma(y, mul(x, x), add(x, set1(1.f)));
-    __m256i n = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return mul(y, _mm256_castsi256_ps(n));
-  }
+  static R exp(R x) { return exp_avx2(x); }  // simd_exp.h (moelens/csrc/common)
 };
 
 #pragma GCC pop_options
@@ -189,7 +173,7 @@ struct VecAvx512 {
       h[i] = _mm256_add_ps(_mm512_castps512_ps256(x[i]), _mm512_extractf32x8_ps(x[i], 1));
     VecAvx2::hsum8(h, out);
   }
-  static R exp(R x) {  // same polynomial as VecAvx2::exp
+  static R exp(R x) {  // same polynomial as exp_avx2 (simd_exp.h)
     x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.3f)), set1(88.3f));
     R fx = _mm512_roundscale_ps(mul(x, set1(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
