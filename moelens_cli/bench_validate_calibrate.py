@@ -17,7 +17,10 @@ per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-ne
 In-situ GEMM scale: the expert's gemm phase over A…E / what the profile's GEMM line prices for
 the same jobs. The warmup times one layer over and over with the other services idle; inside a
 job each layer's weights come back from memory and the coordinator, the clients' gRPC streams
-and the attention service run between the GEMMs on the same cores.
+and the attention service run between the GEMMs on the same cores. The exchange the same way
+(in a job it costs ~2× the warmup's round trip, where both processes spin on an idle machine),
+and the paged attention's time beyond its KV bytes as seconds per call (plan, the store of the
+step's K and V, the wake-up: A…E read little KV, so this is what they measure).
 Step overhead: per iteration of A and B, wall time minus what the model prices for the same job
 (its scheduler replay with the prefill-attention fit and the GEMM scale): the coordinator's
 Python, the Step RPC, sampling, embedding, and what the exchange costs beyond its warmup round
@@ -182,11 +185,21 @@ def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
         return predict(spec, profile, Workload(p, g, k), deployment, overheads,
                        replay=True).stage2_scheduled
 
-    predicted_gemm = repeats * sum(modelled(i, kernels).components_s["gemm"]
-                                   for i in range(len(jobs)))
-    measured_gemm = sum(job.phase_s.get("gemm", 0.0) for job in jobs)
+    runs = [modelled(i, kernels) for i in range(len(jobs))]
+
+    def total(name: str) -> tuple[float, float]:  # (predicted, measured) over all jobs
+        return (repeats * sum(run.components_s[name] for run in runs),
+                sum(job.phase_s.get(name, 0.0) for job in jobs))
+
+    (predicted_gemm, measured_gemm), (predicted_x, measured_x) = total("gemm"), total("exchange")
     if predicted_gemm > 0 and measured_gemm > 0:
         kernels = replace(kernels, gemm_scale=measured_gemm / predicted_gemm)
+    if predicted_x > 0 and measured_x > 0:
+        kernels = replace(kernels, exchange_scale=measured_x / predicted_x)
+    predicted_attention, measured_attention = total("attention")
+    calls = repeats * spec.num_layers * sum(run.num_iterations for run in runs)
+    kernels = replace(kernels, attention_s_per_layer=max(
+        0.0, (measured_attention - predicted_attention) / calls))
 
     def residual(index: int) -> float:
         run = modelled(index, kernels)

@@ -166,3 +166,33 @@ def test_calibration_prefills_fill_the_token_budget_within_the_context():
     assert calibration_shapes(big)[2:] == [(1024, 1, 48), (512, 1, 96), (256, 1, 192)]
     odd = Deployment(kv_cache_bytes=1 << 30, token_budget=1289, max_num_seqs=256)
     assert calibration_shapes(odd)[2:] == [(644, 1, 12), (322, 1, 24), (161, 1, 48)]
+
+
+def test_fit_overheads_recovers_the_system_it_was_measured_on():
+    """Calibration jobs whose phases and wall times are what a known set of StepOverheads prices
+    (the in-situ GEMM and exchange scales, the paged attention's per-call cost, the prefill
+    attention and the per-step costs): the fit gives that set back."""
+    from dataclasses import replace
+
+    from moelens_cli.bench_validate_calibrate import CalibrationJob, fit_overheads
+    from services.coordinator.perf_model import StepOverheads, Workload, predict
+    from tests.test_perf_model_schedule import _default_spec_and_profile
+    spec, profile = _default_spec_and_profile()
+    deployment = Deployment(kv_cache_bytes=2 ** 26, block_size=16, token_budget=512,
+                            max_num_seqs=24)
+    truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4,
+                          prefill_attention_s_per_seq=2e-4, prefill_attention_s_per_token=1e-6,
+                          prefill_attention_s_per_flop=2e-11, gemm_scale=1.2,
+                          exchange_scale=2.0, attention_s_per_layer=1e-4)
+    jobs = []
+    for p, g, k in calibration_shapes(deployment):
+        run = predict(spec, profile, Workload(p, g, k), deployment, truth,
+                      replay=True).stage2_scheduled
+        jobs.append(CalibrationJob(run.total_time_s, run.num_iterations, dict(run.components_s)))
+    fitted = fit_overheads(jobs, 1, spec, profile, deployment)
+    for name in ("gemm_scale", "exchange_scale", "attention_s_per_layer", "step_fixed_s",
+                 "step_s_per_seq"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
+    assert fitted.prefill_attention_s_per_seq == pytest.approx(2e-4, rel=1e-3)
+    bare = fit_overheads([replace(j, phase_s={}) for j in jobs], 1, spec, profile, deployment)
+    assert bare.gemm_scale == bare.exchange_scale == 1.0 and bare.attention_s_per_layer == 0.0

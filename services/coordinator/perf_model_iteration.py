@@ -6,9 +6,11 @@ Both stages of the model price an iteration the same way, from a HardwareProfile
     gemm      = s · [Σ_l (a_l(n) + b_l · n) + rows_out · lm_head FLOPs / C]  (GEMM line per
                 layer; s = StepOverheads.gemm_scale, 1 unless measured in situ)
     prefill   = L · Σ_fresh (c_seq + c_tok · l + 2·q_size·l²·c_flop) (expert-side causal attention)
-    attention = KV bytes read / attention KV bandwidth              (CPU paged attention: decode
-                rows and prompt chunks that continue a cached prefix)
-    exchange  = L · (fixed + per-byte · (n · 2·kv_size + paged rows · 2·q_size) · act. bytes)
+    attention = KV bytes read / attention KV bandwidth + L · a_fix   (CPU paged attention: decode
+                rows and prompt chunks that continue a cached prefix; a_fix per call, 0 unless
+                measured in situ)
+    exchange  = x · L · (fixed + per-byte · (n · 2·kv_size + paged rows · 2·q_size) · act. bytes)
+                (x = StepOverheads.exchange_scale, 1 unless measured in situ)
     overhead  = step fixed + per sequence · sequences               (StepOverheads)
     compute   = max(gemm + prefill, attention) + exchange + overhead  (accelerator host)
               = gemm + prefill + attention + exchange + overhead      (CPU-only host: one set of
@@ -177,8 +179,9 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
     if num_tokens > 0:
         moved = (num_tokens * 2 * spec.kv_size + load.num_paged_rows * 2 * spec.q_size) \
             * spec.activation_bytes
-        exchange = spec.num_layers * (profile.exchange_fixed_s
-                                      + profile.exchange_s_per_byte * moved)
+        exchange = over.exchange_scale * spec.num_layers * (
+            profile.exchange_fixed_s + profile.exchange_s_per_byte * moved)
+        attention += spec.num_layers * over.attention_s_per_layer
     overhead = over.step_fixed_s + over.step_s_per_seq * load.num_seqs if num_tokens > 0 else 0.0
     if profile.is_accelerator_separate:
         compute = max(gemm + prefill, attention) + exchange + overhead

@@ -227,12 +227,20 @@ class StepOverheads:
     """GEMM time inside a running job / the profile's GEMM line. The warmup times one layer
     over and over with the other services idle; in a job every layer's weights come back from
     memory and the other processes run between the GEMMs."""
+    exchange_scale: float = 1.0
+    """Activation exchange inside a running job / the profile's (its warmup round trip: both
+    processes spinning, nothing else running)."""
+    attention_s_per_layer: float = 0.0
+    """Paged-attention seconds per layer per iteration beyond its KV bytes (the call's plan,
+    the store of the step's K and V, the wake-up), whatever the context."""
 
     def __post_init__(self) -> None:
-        if not self.gemm_scale > 0:
-            raise ValueError(f"StepOverheads.gemm_scale must be > 0, got {self.gemm_scale}")
+        for name in ("gemm_scale", "exchange_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"StepOverheads.{name} must be > 0, got {getattr(self, name)}")
         for name in ("step_fixed_s", "step_s_per_seq", "prefill_attention_s_per_seq",
-                     "prefill_attention_s_per_token", "prefill_attention_s_per_flop"):
+                     "prefill_attention_s_per_token", "prefill_attention_s_per_flop",
+                     "attention_s_per_layer"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"StepOverheads.{name} must be >= 0, got {value}")
