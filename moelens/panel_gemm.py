@@ -91,7 +91,7 @@ def _pack_gated(w: torch.Tensor) -> PanelWeight:
     """[..., 2I, K] -> panels [..., ceil(I / 8), K, 16] of 8 gate then 8 up columns."""
     *lead, n, k = w.shape
     if n % 2:
-        raise ValueError(f"a gate/up weight has an even number of rows, got {n}")
+        raise ValueError(f"a gate/up weight must have an even number of rows, got {n}")
     half, group = n // 2, PANEL // 2
     padded = -(-half // group) * group  # I rounded up to 8
     gate, up = (F.pad(t, (0, 0, 0, padded - half)) for t in w.split(half, dim=-2))  # [..., Ip, K]

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from moelens.profile import HardwareProfile
+from perf_specs import default_spec_and_profile
 from moelens_cli import bench_validate as bench
 from moelens_cli import bench_validate_report as report
 from moelens_cli.bench_validate_calibrate import calibration_shapes, fit_prefill_attention
@@ -176,8 +177,7 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
 
     from moelens_cli.bench_validate_calibrate import CalibrationJob, fit_overheads
     from services.coordinator.perf_model import StepOverheads, Workload, predict
-    from tests.test_perf_model_schedule import _default_spec_and_profile
-    spec, profile = _default_spec_and_profile()
+    spec, profile = default_spec_and_profile()
     deployment = Deployment(kv_cache_bytes=2 ** 26, block_size=16, token_budget=512,
                             max_num_seqs=24)
     truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4,

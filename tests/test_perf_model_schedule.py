@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from moelens.sampling import SamplingParams
+from perf_specs import default_spec_and_profile
 from services.coordinator.block_manager import BlockManager
 from services.coordinator.perf_model_schedule import Load, replay
 from services.coordinator.request import Request, RequestStatus
@@ -100,32 +101,13 @@ def test_request_longer_than_cache_cannot_progress():
 
 # The model around the replay ----------------------------------------------------------------------
 
-def _default_spec_and_profile(**overrides):
-    from moelens.config import parse_config
-    from moelens.profile import HardwareProfile
-    from services.coordinator.perf_model import ModelSpec
-    cfg = parse_config(dict(model_type="mixtral", vocab_size=1024, hidden_size=256,
-                            intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                            rope_theta=1e6, max_position_embeddings=4096))
-    spec = ModelSpec.from_config(cfg, weight_bytes=4, activation_bytes=4)
-    fields = dict(io_bandwidth_bytes_per_s=2e9, gemm_intercept_s=8e-3,
-                  gemm_slope_s_per_token=5e-5, attention_kv_bytes_per_s=5e9,
-                  host_memory_bandwidth_bytes_per_s=9e9, exchange_fixed_s=1e-3,
-                  exchange_s_per_byte=1e-9, is_accelerator_separate=False,
-                  gemm_layer_flops_per_token=spec.layer_flops_per_token[0],
-                  gemm_layer_weight_bytes=float(spec.layer_weight_bytes(0)))
-    fields.update(overrides)
-    return spec, HardwareProfile(**fields)
-
-
 def test_budget_survives_a_profile_with_no_intercept():
     from services.coordinator.perf_model import MIN_TOKEN_BUDGET, Deployment, token_budget
-    spec, profile = _default_spec_and_profile(gemm_intercept_s=0.0, exchange_fixed_s=0.0)
+    spec, profile = default_spec_and_profile(gemm_intercept_s=0.0, exchange_fixed_s=0.0)
     deployment = Deployment(kv_cache_bytes=2 ** 27)
     assert token_budget(spec, profile, deployment) == MIN_TOKEN_BUDGET
     # the exchange's fixed cost per layer counts as fixed cost of the iteration
-    spec, with_exchange = _default_spec_and_profile(gemm_intercept_s=0.0, exchange_fixed_s=1e-2)
+    spec, with_exchange = default_spec_and_profile(gemm_intercept_s=0.0, exchange_fixed_s=1e-2)
     assert token_budget(spec, with_exchange, deployment) > MIN_TOKEN_BUDGET
 
 
@@ -133,7 +115,7 @@ def test_fixed_budget_and_seq_cap_reach_the_replay():
     from dataclasses import replace
 
     from services.coordinator.perf_model import Deployment, Workload, predict
-    spec, profile = _default_spec_and_profile()
+    spec, profile = default_spec_and_profile()
     deployment = Deployment(kv_cache_bytes=2 ** 27, token_budget=64, max_num_seqs=4)
     pred = predict(spec, profile, Workload(32, 8, 12), deployment, replay=True)
     assert pred.n_real == 64 and pred.stage2_scheduled.token_budget == 64
@@ -148,7 +130,7 @@ def test_fixed_budget_and_seq_cap_reach_the_replay():
 
 def test_small_iterations_read_only_the_experts_picked():
     from services.coordinator.perf_model_iteration import gemm_line
-    spec, profile = _default_spec_and_profile()
+    spec, profile = default_spec_and_profile()
     line = gemm_line(spec, profile)
     assert line.intercept_at(0) == 0.0
     assert line.intercept_at(10_000) == pytest.approx(line.intercept_s)
@@ -160,7 +142,7 @@ def test_small_iterations_read_only_the_experts_picked():
 
 def test_step_overheads_add_per_iteration_and_per_sequence():
     from services.coordinator.perf_model import Deployment, StepOverheads, Workload, predict
-    spec, profile = _default_spec_and_profile()
+    spec, profile = default_spec_and_profile()
     deployment = Deployment(kv_cache_bytes=2 ** 27, token_budget=512)
     bare = predict(spec, profile, Workload(16, 8, 4), deployment, replay=True).stage2_scheduled
     over = StepOverheads(step_fixed_s=0.01, step_s_per_seq=0.001)
