@@ -25,7 +25,7 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -390,7 +390,8 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& pair_t
   {
     pybind11::gil_scoped_release no_gil;
     auto xpack = pack_buffer(widest, std::max(H, inter));
-    std::vector<float> h(size_t(widest * inter)), partial;
+    std::unique_ptr<float[]> h(new float[size_t(widest * inter)]);  // [rows, I], not zeroed
+    std::vector<float> partial;
 #if MOELENS_PANEL_X86
     const int64_t p_up = gu.size(1), p_down = dn.size(1);
     const float* w = weights.data_ptr<float>();
@@ -398,9 +399,9 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& pair_t
     for (int64_t e = 0; e < E; start += cnt[e], ++e) {
       if (cnt[e] == 0) continue;
       swiglu_rows(Rows{xc.data_ptr<float>(), H, tok + start}, cnt[e], H,
-                  gu.data_ptr<float>() + e * p_up * H * NR, p_up, inter, h.data(), xpack.data(),
+                  gu.data_ptr<float>() + e * p_up * H * NR, p_up, inter, h.get(), xpack.data(),
                   partial, int(num_threads));
-      run(Rows{h.data(), inter, nullptr}, dn.data_ptr<float>() + e * p_down * inter * NR, cnt[e],
+      run(Rows{h.get(), inter, nullptr}, dn.data_ptr<float>() + e * p_down * inter * NR, cnt[e],
           p_down, inter, ScatterAddOut{out.data_ptr<float>(), H, tok + start, w + start},
           xpack.data(), int(num_threads));
     }
