@@ -22,9 +22,9 @@ and the attention service run between the GEMMs on the same cores. The exchange 
 and the paged attention's time beyond its KV bytes as seconds per call (plan, the store of the
 step's K and V, the wake-up: A…E read little KV, so this is what they measure).
 Step overhead: per iteration of A and B, wall time minus what the model prices for the same job
-(its scheduler replay with the prefill-attention fit and the GEMM scale): the coordinator's
-Python, the Step RPC, sampling, embedding, and what the exchange costs beyond its warmup round
-trip. A line in the number of sequences through A and B, clamped at zero.
+(its scheduler replay with the prefill-attention fit and the in-situ terms above): the
+coordinator's Python, the Step RPC, sampling and embedding. A line in the number of sequences
+through A and B, clamped at zero.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ MAX_PROMPT = 1024
 """Longest calibration prompt: a larger budget is filled with more prompts, not longer ones.
 Prefill attention grows with the square of the prompt; 8192-token prompts (a budget of 8192)
 made the calibration and its attention fit about attention work no served job of short prompts
-has (the 256-request job was then predicted 14% slow)."""
+has (the 256-request job was then predicted 14% slow, likely for that reason)."""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 
 
