@@ -22,6 +22,7 @@ estimate of what the hardware does. `quick=True` keeps the whole run to a few se
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -65,19 +66,19 @@ def _best_time(fn: Callable[[], object], device: torch.device, repeats: int,
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of ys vs xs; a negative intercept is clamped to 0 and the
-    slope refitted through the origin (a profile cannot have a negative fixed cost)."""
+    """Theil-Sen (intercept, slope) of ys vs xs: the median of the pairwise slopes, then the
+    median intercept, so one point timed while the machine was busy does not tilt the line as it
+    does a least-squares fit. A negative intercept is clamped to 0 and the slope taken through
+    the origin (the median of y/x): a profile cannot have a negative fixed cost."""
     if len(xs) != len(ys) or len(xs) < 2:
         raise ValueError("fit_line needs at least two (x, y) points of equal count")
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
+    pairs = [(i, j) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[i] != xs[j]]
+    if not pairs:
         raise ValueError("fit_line needs at least two distinct x values")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    intercept = my - slope * mx
+    slope = statistics.median((ys[j] - ys[i]) / (xs[j] - xs[i]) for i, j in pairs)
+    intercept = statistics.median(y - slope * x for x, y in zip(xs, ys))
     if intercept < 0:
-        return 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+        return 0.0, statistics.median(y / x for x, y in zip(xs, ys) if x != 0)
     return intercept, slope
 
 

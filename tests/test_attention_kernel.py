@@ -16,9 +16,10 @@ from services.attention_cpu import kernel
 NATIVE = [b for b in kernel.available_backends() if b != "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
-# (block_size, num_kv_heads, gqa group, head_dim): 100 and 36 leave vector tails on every ISA.
+# (block_size, num_kv_heads, gqa group, head_dim): 100 and 36 leave vector tails on every ISA;
+# groups 8 and 16 take the heads-in-lanes path on AVX2 (16 also on AVX-512).
 SHAPES = [(16, 2, 1, 64), (8, 1, 4, 128), (32, 2, 8, 80), (16, 2, 4, 96), (8, 2, 3, 100),
-          (16, 1, 5, 36)]
+          (16, 1, 5, 36), (8, 2, 8, 36), (16, 1, 16, 128)]
 
 
 @pytest.fixture(autouse=True)
@@ -85,10 +86,11 @@ def test_split_context_and_thread_counts(backend):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
-def test_peaked_scores_are_stable(backend):
+@pytest.mark.parametrize("group", [4, 8])
+def test_peaked_scores_are_stable(backend, group):
     """Large logits (one dominant token late in the context) need the running max rescale."""
     kernel.force_backend(backend)
-    q, k_pool, v_pool, tables, lens = make_case([257, 1000], 16, 2, 4, 64, torch.float32)
+    q, k_pool, v_pool, tables, lens = make_case([257, 1000], 16, 2, group, 64, torch.float32)
     q = q * 30.0
     expected = sdpa_on_gathered(q, k_pool, v_pool, tables, lens, 1.0)
     out = kernel.paged_attention(q, k_pool, v_pool, tables, lens, 1.0)
@@ -98,10 +100,11 @@ def test_peaked_scores_are_stable(backend):
 
 @pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reads_stop_at_pool_end(backend, dtype):
+@pytest.mark.parametrize("group", [3, 8])
+def test_reads_stop_at_pool_end(backend, dtype, group):
     """The last row of the last block is the pool's last bytes (AddressSanitizer runs see overreads)."""
     kernel.force_backend(backend)
-    q, k_pool, v_pool, _, _ = make_case([16], 8, 2, 3, 36, dtype)
+    q, k_pool, v_pool, _, _ = make_case([16], 8, 2, group, 36, dtype)
     num_blocks = k_pool.shape[0]
     k_pool, v_pool = k_pool[num_blocks - 2:].clone(), v_pool[num_blocks - 2:].clone()
     tables = torch.tensor([[0, 1]], dtype=torch.int32)

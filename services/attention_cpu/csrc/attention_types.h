@@ -50,7 +50,9 @@ struct Scratch {
   std::vector<float> acc;  // [Hq, dp] unnormalised output
   std::vector<float> m;    // [Hq] running max
   std::vector<float> l;    // [Hq] running sum of exp
-  std::vector<float> s;    // [Hq, s_stride] scores, then probabilities
+  std::vector<float> s;    // [Hq, s_stride] scores, then probabilities ([Hkv][s_stride][G]
+                           // on the heads-in-lanes path)
+  std::vector<float> qt;   // [Hkv, D, G] q times scale, transposed (heads-in-lanes path)
 
   Scratch(int num_heads, int head_dim, int block_size) {
     constexpr int kMaxLanes = 16;
@@ -64,6 +66,7 @@ struct Scratch {
     m.assign(num_heads, 0.f);
     l.assign(num_heads, 0.f);
     s.assign(size_t(num_heads) * s_stride, 0.f);
+    qt.assign(size_t(num_heads) * head_dim, 0.f);
   }
 };
 
