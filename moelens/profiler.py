@@ -5,7 +5,7 @@ What is measured, and how (each function stands alone; `profile_local` runs them
 - GEMM line: one decoder layer of the model's shapes — QKV/O projections, router, and the routed
   expert GEMMs with tokens grouped per expert (top_k·n/E rows each, gate/up/down) plus a shared
   expert if any, with the expert service's kernels (panel GEMMs or F.linear, as its
-  --cpu-gemm) — timed at several token counts and fitted by least squares: s = a + b·n.
+  --cpu-gemm) — timed at several token counts and fitted robustly (Theil-Sen): s = a + b·n.
   Layers too large for `max_weight_bytes` time a subset of experts and scale by E / subset.
 - Host memory bandwidth: streaming read (a sum over a buffer far larger than the caches).
 - Host→device bandwidth (B_IO): pinned ~1 GB copies on CUDA; on a CPU-only host the data mover's
