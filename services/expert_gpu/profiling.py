@@ -1,9 +1,10 @@
 """Warmup measurements of the expert service: host->device bandwidth and the GEMM time line.
 
 The GEMM line is measured on this model's own layer 0 (projections + routed experts with tokens
-grouped per expert) at six token counts and fitted robustly (Theil-Sen, `moelens.profiler.fit_line`):
-the performance model derives n_real from its slope and intercept, and a least-squares fit through
-three points moved the budget between 421 and 1882 tokens from one start to the next.
+grouped per expert) at six token counts and fitted robustly (Theil-Sen,
+`moelens.profiler.fit_line`): the performance model derives n_real from its slope and intercept,
+and a least-squares fit through three points moved the budget between 421 and 1882 tokens from
+one start to the next.
 """
 
 from __future__ import annotations
