@@ -82,7 +82,8 @@ def load_or_build(prefix: str, csrc_dir: Path, source: str, extra_cflags: tuple[
         try:
             module = cpp_extension.load(
                 name=name, sources=[str(csrc_dir / source)], extra_cflags=list(cflags),
-                extra_ldflags=list(ldflags), extra_include_paths=[str(csrc_dir), str(SHARED_INCLUDE)],
+                extra_ldflags=list(ldflags),
+                extra_include_paths=[str(csrc_dir), str(SHARED_INCLUDE)],
                 build_directory=str(build_dir), verbose=False)
             os.rename(build_dir, final)
         finally:

@@ -252,6 +252,13 @@ inline void transpose_q(const AttnArgs& a, Scratch& sc) {
         sc.qt[(int64_t(h) * D + d) * G + g] = sc.q[(h * G + g) * sc.dp + d];
 }
 
+// acc[0:dp] *= alpha: a running output whose max moved (nothing to do when it did not).
+inline void rescale(float* acc, int dp, float alpha) {
+  if (alpha == 1.f) return;
+  const R av = V::set1(alpha);
+  for (int d = 0; d < dp; d += W) V::store(acc + d, V::mul(V::template load<F32>(acc + d), av));
+}
+
 // softmax_update (below) for scores laid out [Hkv][t][G]: the running max, sum and rescale
 // factor of W heads are one vector each.
 inline void softmax_lanes(Scratch& sc, int num_kv_heads, int G, int n) {
@@ -275,12 +282,7 @@ inline void softmax_lanes(Scratch& sc, int num_kv_heads, int G, int n) {
       for (int i = 0; i < W; ++i) {
         const float alpha = std::exp(m_prev[i] - m_next[i]);  // 0 on the first chunk (-inf)
         sc.l[hq + i] *= alpha;
-        if (alpha != 1.f) {
-          const R av = V::set1(alpha);
-          float* acc = sc.acc.data() + int64_t(hq + i) * dp;
-          for (int d = 0; d < dp; d += W)
-            V::store(acc + d, V::mul(V::template load<F32>(acc + d), av));
-        }
+        rescale(sc.acc.data() + int64_t(hq + i) * dp, dp, alpha);
       }
       V::store(sc.l.data() + hq, V::add(V::template load<F32>(sc.l.data() + hq), sum));
       V::store(sc.m.data() + hq, m_new);
@@ -308,11 +310,7 @@ inline void softmax_update(Scratch& sc, int num_heads, int n) {
     }
     const float alpha = std::exp(m_old - m_new);
     sc.l[h] = sc.l[h] * alpha + V::hsum(sum);
-    if (alpha != 1.f) {
-      const R av = V::set1(alpha);
-      float* a = sc.acc.data() + h * dp;
-      for (int d = 0; d < dp; d += W) V::store(a + d, V::mul(V::template load<F32>(a + d), av));
-    }
+    rescale(sc.acc.data() + h * dp, dp, alpha);
     sc.m[h] = m_new;
   }
 }

@@ -173,22 +173,12 @@ struct VecAvx512 {
       h[i] = _mm256_add_ps(_mm512_castps512_ps256(x[i]), _mm512_extractf32x8_ps(x[i], 1));
     VecAvx2::hsum8(h, out);
   }
-  static R exp(R x) {  // same polynomial as exp_avx2 (simd_exp.h)
-    x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.3f)), set1(88.3f));
-    R fx = _mm512_roundscale_ps(mul(x, set1(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = fma(fx, set1(-0.693359375f), x);
-    x = fma(fx, set1(2.12194440e-4f), x);
-    R y = set1(1.9875691500e-4f);
-    y = fma(y, x, set1(1.3981999507e-3f));
-    y = fma(y, x, set1(8.3334519073e-3f));
-    y = fma(y, x, set1(4.1665795894e-2f));
-    y = fma(y, x, set1(1.6666665459e-1f));
-    y = fma(y, x, set1(5.0000001201e-1f));
-    y = fma(y, mul(x, x), add(x, set1(1.f)));
-    __m512i n = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return mul(y, _mm512_castsi512_ps(n));
+  // exp_avx2 (simd_exp.h) on each half: one polynomial for every ISA, and the softmax's one exp
+  // per score is small beside the score's FMAs.
+  static R exp(R x) {
+    const __m256 lo = exp_avx2(_mm512_castps512_ps256(x));
+    const __m256 hi = exp_avx2(_mm512_extractf32x8_ps(x, 1));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
   }
 };
 
