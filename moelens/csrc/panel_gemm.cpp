@@ -11,8 +11,8 @@
 // Blocking: x is packed per (MC rows, KC columns) block into 6-row micro-panels [KC][6] that sit
 // in L1 while one W panel slice streams through from L2 (KC = 1024 rows of 64 B: each slice is
 // read once per MC rows of x). The micro-kernels working on one slice prefetch the next one
-// from memory: 7-12% off a fused MoE layer at 16-256 tokens (decode's tens of rows per expert),
-// A/B on the dev machine. Threads split the W panels; x is packed cooperatively. The
+// from memory: 9-13% off a fused MoE layer at 16-64 tokens, less from 256 on (bench/ab_kernels.py
+// panel). Threads split the W panels; x is packed cooperatively. The
 // AVX2 path is compiled under a target attribute and chosen at run time; `supported()` says
 // whether this CPU has it (the Python side uses torch's F.linear where it does not).
 //
