@@ -44,9 +44,9 @@ from moelens_cli.launch_options import LaunchOptions
 from moelens_cli.launcher import ServiceStartError, sigterm_as_interrupt, start_local_services
 
 MAX_NUM_SEQS = 24
-"""Running-request cap the services are started with. The coordinator's gRPC server runs each
-Generate stream on one of 32 pool threads, so a job of more concurrent requests would be admitted
-in waves of ~31 whatever --max-num-seqs says; below that cap the scheduler's own limit binds."""
+"""Running-request cap the services are started with: the grid's KV sizes make its points
+capacity- or compute-bound at this cap (GridPoint.is_capacity_bound), and every run since the
+first used it, so runs compare."""
 TOKEN_BUDGET = 512
 """Tokens per iteration, fixed so that runs compare: the top of the range the expert service's
 warmup measures its GEMM line on (32…512 tokens), so no iteration extrapolates the line."""
