@@ -48,8 +48,8 @@ MAX_NUM_SEQS = 24
 capacity- or compute-bound at this cap (GridPoint.is_capacity_bound), and every run since the
 first used it, so runs compare."""
 TOKEN_BUDGET = 512
-"""Tokens per iteration, fixed so that runs compare: the top of the range the expert service's
-warmup measures its GEMM line on (32…512 tokens), so no iteration extrapolates the line."""
+"""Tokens per iteration, fixed so that runs compare: inside the range the expert service's
+warmup times its GEMM line on (32…1024 tokens), so no iteration extrapolates the line."""
 _READY_TIMEOUT_S = 120.0
 
 
@@ -146,7 +146,8 @@ def _stubs(services) -> tuple:
 
 
 LINE_ENDS = (32, 512)
-"""Token counts the expert service's warmup times its GEMM line between."""
+"""Token counts at which median_profile takes the warmups' median GEMM times: the span of the
+grid's iterations (at most TOKEN_BUDGET tokens)."""
 
 
 def median_profile(profiles: list):
