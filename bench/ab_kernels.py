@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 
 from moelens import native, panel_gemm
+from moelens.model.moe import Routing, group_by_expert
 from services.attention_cpu import kernel as attention_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,15 +77,13 @@ def ab_panel(exts: list[ModuleType], args: argparse.Namespace) -> None:
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(tokens, hidden, generator=gen)  # [T, H]
         weight, expert = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(2)  # [T, 2]
-        order = expert.flatten().argsort(stable=True)
-        pairs = (torch.arange(tokens).repeat_interleave(2)[order],
-                 weight.flatten()[order].contiguous(),
-                 torch.bincount(expert.flatten(), minlength=experts))
+        pairs = group_by_expert(Routing(weight, expert), experts)
 
         def call(i: int) -> torch.Tensor:
             for layer in range(layers):
-                out = exts[i].grouped_swiglu(x, *pairs, gate_up[layer].panels,
-                                             down[layer].panels, inter, args.threads)
+                out = exts[i].grouped_swiglu(x, pairs.token, pairs.weight, pairs.counts,
+                                             gate_up[layer].panels, down[layer].panels, inter,
+                                             args.threads)
             return out
 
         torch.testing.assert_close(call(0), call(1), atol=1e-4, rtol=1e-4)

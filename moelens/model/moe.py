@@ -42,6 +42,23 @@ def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
     return linear(panel_gemm.swiglu(x, gate_up), down)  # [T, I] -> [T, H]
 
 
+@dataclass
+class ExpertPairs:
+    """The T*K (token, expert) pairs of a routing, sorted by expert (stable)."""
+
+    token: torch.Tensor  # [T*K] token of each pair
+    weight: torch.Tensor  # [T*K] its combine weight
+    counts: torch.Tensor  # [E] pairs per expert
+
+
+def group_by_expert(routing: Routing, num_experts: int) -> ExpertPairs:
+    flat_experts = routing.experts.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_experts, stable=True)  # pairs grouped by expert
+    return ExpertPairs(token=order // routing.experts.shape[1],
+                       weight=routing.weights.reshape(-1)[order].contiguous(),
+                       counts=torch.bincount(flat_experts, minlength=num_experts))
+
+
 def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: Weight,
                     down: Weight) -> torch.Tensor:
     """Sum over each token's top-k experts of weight * expert(x), one GEMM per active expert.
@@ -49,15 +66,12 @@ def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: Weight,
     x: [T, H]; gate_up: [E, 2I, H]; down: [E, H, I] -> [T, H]. With panel weights the whole
     layer is one fused call (panel_gemm.grouped_swiglu); the torch path below is the same math.
     """
-    num_tokens, top_k = routing.experts.shape
-    flat_experts = routing.experts.reshape(-1)  # [T*K]
-    order = torch.argsort(flat_experts, stable=True)  # pairs grouped by expert
-    token_of_pair = order // top_k  # [T*K]
-    bins = torch.bincount(flat_experts, minlength=gate_up.shape[0])  # [E]
+    pairs = group_by_expert(routing, gate_up.shape[0])
+    token_of_pair = pairs.token
     if isinstance(gate_up, PanelWeight):
-        pair_weight = routing.weights.reshape(-1)[order].contiguous()  # [T*K]
-        return panel_gemm.grouped_swiglu(x, token_of_pair, pair_weight, bins, gate_up, down)
-    counts = bins.tolist()
+        return panel_gemm.grouped_swiglu(x, token_of_pair, pairs.weight, pairs.counts, gate_up,
+                                         down)
+    counts = pairs.counts.tolist()
     rows = x.index_select(0, token_of_pair)  # [T*K, H] sorted by expert
     out_rows = torch.empty_like(rows)
     start = 0
@@ -66,7 +80,7 @@ def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: Weight,
             end = start + count
             out_rows[start:end] = swiglu(rows[start:end], gate_up[expert], down[expert])
             start = end
-    out_rows *= routing.weights.reshape(-1)[order, None]
+    out_rows *= pairs.weight[:, None]
     out = torch.zeros_like(x)
     out.index_add_(0, token_of_pair, out_rows)
     return out
