@@ -243,14 +243,6 @@ inline void qk_lanes(const float* qt, int G, const float* k, int n, int dim, flo
   pf.finish();
 }
 
-// q rows (already scaled) transposed per KV head: qt[h][d][g] = q[h * G + g][d].
-inline void transpose_q(const AttnArgs& a, Scratch& sc) {
-  const int G = a.group, D = a.head_dim;
-  for (int h = 0; h < a.num_kv_heads; ++h)
-    for (int g = 0; g < G; ++g)
-      for (int d = 0; d < D; ++d)
-        sc.qt[(int64_t(h) * D + d) * G + g] = sc.q[(h * G + g) * sc.dp + d];
-}
 
 // acc[0:dp] *= alpha: a running output whose max moved (nothing to do when it did not).
 inline void rescale(float* acc, int dp, float alpha) {
@@ -315,11 +307,19 @@ inline void softmax_update(Scratch& sc, int num_heads, int n) {
   }
 }
 
-inline void start_item(const AttnArgs& a, const WorkItem& w, Scratch& sc) {
-  const int H = a.num_kv_heads * a.group, D = a.head_dim;
+// The item's q times scale: sc.q [Hq, dp] for the head tiles, or with heads in lanes (`lanes`)
+// sc.qt, transposed per KV head: qt[h][d][g] = q[h * G + g][d].
+inline void start_item(const AttnArgs& a, const WorkItem& w, Scratch& sc, bool lanes) {
+  const int G = a.group, H = a.num_kv_heads * G, D = a.head_dim;
   const float* q = a.q + int64_t(w.row) * H * D;  // [Hq, D]
-  for (int h = 0; h < H; ++h)
-    for (int d = 0; d < D; ++d) sc.q[h * sc.dp + d] = q[h * D + d] * a.scale;
+  if (lanes) {
+    for (int h = 0; h < H; ++h)
+      for (int d = 0; d < D; ++d)
+        sc.qt[(int64_t(h / G) * D + d) * G + h % G] = q[h * D + d] * a.scale;
+  } else {
+    for (int h = 0; h < H; ++h)
+      for (int d = 0; d < D; ++d) sc.q[h * sc.dp + d] = q[h * D + d] * a.scale;
+  }
   for (float& x : sc.acc) x = 0.f;
   for (int h = 0; h < H; ++h) {
     sc.m[h] = -INFINITY;
@@ -395,9 +395,8 @@ void run_item(const AttnArgs& a, const WorkItem& w, Scratch& sc, float* out, flo
     return p.block < 0 ? 0 : int64_t(tokens_in(p.block)) * D * int64_t(sizeof(T));
   };
 
-  start_item(a, w, sc);
   const bool lanes = heads_in_lanes<Tag>(G);
-  if (lanes) transpose_q(a, sc);
+  start_item(a, w, sc, lanes);
   // Scores of kv head h, block b of the chunk: [G][ss] rows by head, or [B][G] with heads in lanes.
   auto scores = [&](int h, int b, int cb) {
     return sc.s.data() + int64_t(h) * G * ss + (b - cb) * B * (lanes ? G : 1);
