@@ -30,9 +30,9 @@ from moelens.model.moe import Routing, group_by_expert
 from services.attention_cpu import kernel as attention_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {  # name -> (csrc folder, main source, prefix)
-    "panel": ("moelens/csrc", "panel_gemm.cpp", "ab_panel_gemm"),
-    "attention": ("services/attention_cpu/csrc", "paged_attention.cpp", "ab_attention"),
+KERNELS = {  # name -> (csrc folder, sources, prefix)
+    "panel": ("moelens/csrc", panel_gemm.SOURCES, "ab_panel_gemm"),
+    "attention": ("services/attention_cpu/csrc", ("paged_attention.cpp",), "ab_attention"),
 }
 
 
@@ -50,10 +50,11 @@ def checkout_sources(rev: str, folders: list[str], into: Path) -> None:
 
 
 def load_base(kernel: str, rev: str, scratch: Path) -> ModuleType:
-    folder, source, prefix = KERNELS[kernel]
+    folder, sources, prefix = KERNELS[kernel]
     checkout_sources(rev, [folder, "moelens/csrc/common"], scratch)
+    present = tuple(s for s in sources if (scratch / s).exists())  # older revisions had fewer
     # the flag keeps the base build's cache key apart from the working tree's
-    return native.load_or_build(prefix, scratch, source, extra_cflags=("-DMOELENS_AB_BASE",))
+    return native.load_or_build(prefix, scratch, present, extra_cflags=("-DMOELENS_AB_BASE",))
 
 
 def timed(fn, reps: int, builds: int) -> list[list[float]]:

@@ -55,9 +55,11 @@ def _import_library(name: str, path: Path) -> ModuleType:
     return module
 
 
-def load_or_build(prefix: str, csrc_dir: Path, source: str, extra_cflags: tuple[str, ...] = (),
+def load_or_build(prefix: str, csrc_dir: Path, sources: tuple[str, ...],
+                  extra_cflags: tuple[str, ...] = (),
                   extra_ldflags: tuple[str, ...] = ()) -> ModuleType:
-    """Import extension `prefix_<key>` built from csrc_dir/source, compiling it if needed.
+    """Import extension `prefix_<key>` built from the `sources` in csrc_dir, compiling it if
+    needed.
 
     Raises whatever the compiler or the import raises."""
     from torch.utils import cpp_extension  # imported lazily: it is slow and rarely needed
@@ -81,8 +83,8 @@ def load_or_build(prefix: str, csrc_dir: Path, source: str, extra_cflags: tuple[
         build_dir = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root))
         try:
             module = cpp_extension.load(
-                name=name, sources=[str(csrc_dir / source)], extra_cflags=list(cflags),
-                extra_ldflags=list(ldflags),
+                name=name, sources=[str(csrc_dir / source) for source in sources],
+                extra_cflags=list(cflags), extra_ldflags=list(ldflags),
                 extra_include_paths=[str(csrc_dir), str(SHARED_INCLUDE)],
                 build_directory=str(build_dir), verbose=False)
             os.rename(build_dir, final)
@@ -91,12 +93,12 @@ def load_or_build(prefix: str, csrc_dir: Path, source: str, extra_cflags: tuple[
     return module
 
 
-def load_or_none(what: str, fallback: str, prefix: str, csrc_dir: Path, source: str,
-                 extra_cflags: tuple[str, ...] = (),
+def load_or_none(what: str, fallback: str, prefix: str, csrc_dir: Path,
+                 sources: tuple[str, ...], extra_cflags: tuple[str, ...] = (),
                  extra_ldflags: tuple[str, ...] = ()) -> ModuleType | None:
     """load_or_build, or None after one RuntimeWarning "<what> unavailable (...); <fallback>"."""
     try:
-        return load_or_build(prefix, csrc_dir, source, extra_cflags, extra_ldflags)
+        return load_or_build(prefix, csrc_dir, sources, extra_cflags, extra_ldflags)
     except Exception as exc:  # any build or import failure means: use the torch fallback
         warnings.warn(f"{what} unavailable ({str(exc)[:400]}); {fallback}", RuntimeWarning,
                       stacklevel=3)

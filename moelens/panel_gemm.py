@@ -31,6 +31,7 @@ from moelens import native
 PANEL = 16
 MODES = ("auto", "panels", "torch")
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("panel_gemm.cpp", "prefill_attention.cpp")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,15 @@ def grouped_swiglu(x: torch.Tensor, pair_token: torch.Tensor, pair_weight: torch
                                        torch.get_num_threads())
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                     scale: float) -> torch.Tensor:
+    """Causal attention within each prompt of a packed batch of new tokens, on the panel
+    micro-kernel (csrc/prefill_attention.cpp); moelens.model.attention.prefill_attention is the
+    torch equivalent. q: [T, Hq, D]; k, v: [T, Hkv, D]; seq_lens sum to T -> [T, Hq, D]."""
+    return _extension().causal_attention(q, k, v, torch.tensor(seq_lens, dtype=torch.int64),
+                                         scale, torch.get_num_threads())
+
+
 def maybe_pack(w: torch.Tensor | None, enabled: bool,
                gated: bool = False) -> torch.Tensor | PanelWeight | None:
     return pack(w, gated) if enabled and w is not None else w
@@ -149,7 +159,7 @@ def maybe_pack(w: torch.Tensor | None, enabled: bool,
 @lru_cache(maxsize=None)
 def _load() -> ModuleType | None:
     return native.load_or_none("panel GEMM", "using torch's F.linear", "moelens_panel_gemm",
-                               CSRC_DIR, "panel_gemm.cpp")
+                               CSRC_DIR, SOURCES)
 
 
 def _extension() -> ModuleType:

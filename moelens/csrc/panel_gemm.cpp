@@ -30,30 +30,18 @@
 #include <memory>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-
+#include "micro_kernel.h"
+#include "prefill_attention.h"
+#if MOELENS_PANEL_X86
 #include "simd_exp.h"
-#define MOELENS_PANEL_X86 1
-#else
-#define MOELENS_PANEL_X86 0
 #endif
 
 namespace {
 
-constexpr int NR = 16;    // output columns per panel (two ymm)
-constexpr int MR = 6;     // rows per micro-kernel
+using namespace moelens::panel;
+
 constexpr int KC = 1024;  // reduction depth per block
 constexpr int MC = 144;   // rows of x per block (24 micro-panels)
-
-bool cpu_supported() {
-#if MOELENS_PANEL_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 // Where the GEMM reads row r of x: row index[r] (a gather) or r, `stride` floats apart.
 struct Rows {
@@ -83,51 +71,6 @@ void pack_x(const Rows& x, int64_t m0, int mc, int64_t k0, int kc, float* out) {
 }
 
 #if MOELENS_PANEL_X86
-#define MOELENS_AVX2 __attribute__((target("avx2,fma")))
-
-// The 16 accumulated columns of one row of a micro-tile, and where they sit in the GEMM.
-struct Tile {
-  __m256 lo, hi;   // columns 0-7 and 8-15 of panel p
-  int64_t row;     // row of x (before any gather)
-  int local;       // row within the current MC block
-  int64_t panel;   // p
-  bool first;      // the first KC block of the reduction (nothing accumulated yet)
-  bool last;       // the last KC block (the sum is complete)
-};
-
-// Store `n` <= 8 floats of v at dst (the partial last panel).
-MOELENS_AVX2 inline void store_n(float* dst, __m256 v, int n) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, v);
-  for (int j = 0; j < n; ++j) dst[j] = t[j];
-}
-
-MOELENS_AVX2 inline __m256 load_n(const float* src, int n) {
-  alignas(32) float t[8] = {};
-  for (int j = 0; j < n; ++j) t[j] = src[j];
-  return _mm256_load_ps(t);
-}
-
-// dst[0:cols] += v (cols <= 16), or = v when `add` is false.
-MOELENS_AVX2 inline void put16(float* dst, __m256 lo, __m256 hi, int cols, bool add) {
-  if (cols == NR) {
-    if (add) {
-      lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst));
-      hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst + 8));
-    }
-    _mm256_storeu_ps(dst, lo);
-    _mm256_storeu_ps(dst + 8, hi);
-    return;
-  }
-  const int nlo = std::min(cols, 8), nhi = cols - nlo;
-  if (add) {
-    lo = _mm256_add_ps(lo, load_n(dst, nlo));
-    if (nhi > 0) hi = _mm256_add_ps(hi, load_n(dst + 8, nhi));
-  }
-  store_n(dst, lo, nlo);
-  if (nhi > 0) store_n(dst + 8, hi, nhi);
-}
-
 // silu(g) = g / (1 + e^-g), as torch computes it.
 MOELENS_AVX2 inline __m256 silu(__m256 g) {
   const __m256 e = moelens::exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
@@ -184,53 +127,6 @@ struct ScatterAddOut {
   }
 };
 
-// Cache lines of the next W panel slice for one micro-kernel to prefetch: `lines` panel rows of
-// 64 B from `at`.
-struct Prefetch {
-  const float* at;
-  int lines;
-};
-
-// Rows [row0, row0 + rows) of the tile a[kc][6] · b[kc][16], handed to `out`; one line of `pf`
-// is prefetched per k, so the next panel is in cache when the micro-kernels reach it.
-template <class Out>
-MOELENS_AVX2 void micro_kernel(const float* __restrict a, const float* __restrict b, int kc,
-                               const Out& out, Tile where, int rows, Prefetch pf) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int k = 0; k < kc; ++k) {
-    if (k < pf.lines) _mm_prefetch(reinterpret_cast<const char*>(pf.at + k * NR), _MM_HINT_T0);
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 a0 = _mm256_broadcast_ss(a), a1 = _mm256_broadcast_ss(a + 1);
-    c00 = _mm256_fmadd_ps(a0, b0, c00);
-    c01 = _mm256_fmadd_ps(a0, b1, c01);
-    c10 = _mm256_fmadd_ps(a1, b0, c10);
-    c11 = _mm256_fmadd_ps(a1, b1, c11);
-    a0 = _mm256_broadcast_ss(a + 2);
-    a1 = _mm256_broadcast_ss(a + 3);
-    c20 = _mm256_fmadd_ps(a0, b0, c20);
-    c21 = _mm256_fmadd_ps(a0, b1, c21);
-    c30 = _mm256_fmadd_ps(a1, b0, c30);
-    c31 = _mm256_fmadd_ps(a1, b1, c31);
-    a0 = _mm256_broadcast_ss(a + 4);
-    a1 = _mm256_broadcast_ss(a + 5);
-    c40 = _mm256_fmadd_ps(a0, b0, c40);
-    c41 = _mm256_fmadd_ps(a0, b1, c41);
-    c50 = _mm256_fmadd_ps(a1, b0, c50);
-    c51 = _mm256_fmadd_ps(a1, b1, c51);
-    a += MR;
-    b += NR;
-  }
-  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                             {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int r = 0; r < rows; ++r) {
-    where.lo = acc[r][0];
-    where.hi = acc[r][1];
-    out(where);
-    ++where.row;
-    ++where.local;
-  }
-}
 #endif
 
 // x[M, K] (gathered through `x.index`) times the panels wp[P, K, 16], each finished tile handed
@@ -434,5 +330,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ W^T with W packed as [P, K, 16] panels");
   m.def("swiglu", &swiglu, "silu(x @ gate^T) * (x @ up^T) for a gated [P, K, 16] weight");
   m.def("grouped_swiglu", &grouped_swiglu, "an MoE layer's routed experts, fused");
+  m.def("causal_attention", &moelens::causal_attention,
+        "causal attention over the new tokens of packed prompts (prefill_attention.cpp)");
   m.def("supported", &cpu_supported, "this CPU has AVX2 and FMA");
 }

@@ -47,7 +47,8 @@ def load_extension(sanitize: bool = False) -> ModuleType | None:
     extra = SANITIZE_FLAGS if sanitize else ()
     return native.load_or_none("attention_cpu: C++ attention kernel",
                                "falling back to the much slower torch reference",
-                               "moelens_attention", CSRC_DIR, "paged_attention.cpp", extra, extra)
+                               "moelens_attention", CSRC_DIR, ("paged_attention.cpp",), extra,
+                               extra)
 
 
 def _extension() -> ModuleType | None:

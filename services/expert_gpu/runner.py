@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moelens import panel_gemm
 from moelens.config import ModelConfig
 from moelens.kv_cache import slots_for_positions
 from moelens.model.attention import prefill_attention
@@ -85,12 +86,15 @@ def split_groups(seqs: list[SeqStep], pipeline: bool) -> list[list[int]]:
 
 class StepRunner:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, store: LayerStore,
-                 attention: AttentionClient, device: torch.device, inv_freq: torch.Tensor):
+                 attention: AttentionClient, device: torch.device, inv_freq: torch.Tensor,
+                 panels: bool = False):
         self.cfg, self.weights, self.store = cfg, weights, store
         self.attention, self.device, self.inv_freq = attention, device, inv_freq
         self.block_size = attention.info.block_size
         self.scale = cfg.head_dim ** -0.5
         self.dtype = weights.embed.dtype
+        # the CPU device's panel kernels run prefill attention too (2-3x torch's SDPA there)
+        self.prefill_attention = panel_gemm.causal_attention if panels else prefill_attention
 
     def run(self, step_id: int, seqs: list[SeqStep], rows: list[RowSampling],
             pipeline: bool) -> tuple[SampleOutput, StepTimings]:
@@ -187,8 +191,8 @@ class StepRunner:
         g.attn = torch.empty_like(q)  # [T, Hq, D]
         if g.split.fresh_seq_lens:
             rows = g.split.fresh_rows.to(self.device)
-            g.attn[rows] = prefill_attention(q[rows], k[rows], v[rows], g.split.fresh_seq_lens,
-                                             self.scale)
+            g.attn[rows] = self.prefill_attention(q[rows], k[rows], v[rows],
+                                                  g.split.fresh_seq_lens, self.scale)
         t3 = clock.now()
         clock.timings.gemm_s += t1 - t0
         clock.timings.exchange_s += t2 - t1

@@ -51,7 +51,7 @@ class ExpertWorker:
         self.weight_bytes_total = host.num_bytes()
         self.attention = AttentionClient(config.attention_address, config.transport)
         self.runner = StepRunner(self.cfg, self.weights, self.store, self.attention, self.device,
-                                 rope_inv_freq(self.cfg, self.device))
+                                 rope_inv_freq(self.cfg, self.device), self.panels)
         self.eos_token_ids = tuple(self.cfg.eos_token_ids)
         self.profile = None
         self.is_ready = False
