@@ -11,6 +11,10 @@ A SwiGLU gate/up weight [.., 2I, K] (gate rows, then up rows) is packed "gated":
 gate columns 8p..8p+7 and the same up columns, so the GEMM's epilogue writes silu(gate) * up
 (`swiglu`) and an MoE layer's experts run as one fused call (`grouped_swiglu`).
 
+The same extension holds the expert service's other CPU kernels: causal prefill attention on the
+GEMM's micro-kernel (`causal_attention`, csrc/prefill_attention.cpp) and the greedy sampler's
+fused argmax + logsumexp (`argmax_logsumexp`, csrc/row_stats.cpp).
+
 When panels are used (`resolve_mode`): "auto" picks them on the CPU device with fp32 weights when
 the CPU's best torch kernels are AVX2 (on AVX-512 CPUs MKL's wider kernels are the better choice)
 and the extension builds; "panels" insists (an error if impossible), "torch" never uses them.
