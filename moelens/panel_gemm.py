@@ -168,8 +168,8 @@ def maybe_pack(w: torch.Tensor | None, enabled: bool,
 
 @lru_cache(maxsize=None)
 def _load() -> ModuleType | None:
-    return native.load_or_none("panel GEMM", "using torch's F.linear", "moelens_panel_gemm",
-                               CSRC_DIR, SOURCES)
+    return native.load_or_none("panel GEMM", "using torch's F.linear, SDPA and reductions",
+                               "moelens_panel_gemm", CSRC_DIR, SOURCES)
 
 
 def _extension() -> ModuleType:

@@ -2,20 +2,23 @@
 // computed transposed so that both of its GEMMs run on the panel micro-kernel with no transpose
 // in between.
 //
-// Why: torch's SDPA runs a batch of 128-token prompts at ~30 GFLOP/s on the 2-core dev machine
-// (its blocking is sized for long sequences), a quarter of what the same cores reach in GEMMs.
+// Why: torch's SDPA runs a batch of 128-token prompts at 20-30 GFLOP/s on the 2-core dev machine
+// (its blocking is sized for long sequences), a fifth of what the same cores reach in GEMMs;
+// this kernel is 2-2.4x faster at 32-512-token prompts, 1.4-1.75x at 926-2048
+// (bench/prefill_attention.py).
 //
 // Shapes: S prompts of L_s tokens, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim.
 // The query rows of (prompt s, KV head h) are its positions x its G heads, position-major
 // (row i: position i / G, head h·G + i % G). A work item is 16 of those rows:
 //   1. S^T [keys][16] = K · Q^T: a = K packed per 6 keys [D][6], b = the item's q rows as one
 //      panel [D][16], scaled. Only keys up to the item's last position are computed (causal).
-//   2. Softmax down each column of S^T (a query row: 8 rows per ymm lane set), keys past the
+//   2. Softmax down each column of S^T (one query row per lane, two ymm), keys past the
 //      row's position masked; S^T now holds the unnormalised P^T and 1 / rowsum is kept.
 //   3. out^T [D][16] = V^T · P^T: a = V^T packed per 6 head dims [keys][6], b = P^T [keys][16];
 //      the epilogue scales by 1 / rowsum and stores each row to out[position, head].
-// K and V are packed once per (s, h) and shared by its G heads and all its items; items run
-// longest first (later rows see more keys).
+// Q, K and V are packed once per (s, h) (K and V shared by its G heads and all its items). Items
+// run group by group, longest prompts first, so both threads read the same packed K/V, and
+// within a group last rows first (they see the most keys; the cheapest items end the call).
 #include "prefill_attention.h"
 
 #include <omp.h>
@@ -85,10 +88,12 @@ void pack_dims(const float* x, int64_t t0, int64_t n, int64_t heads, int64_t h, 
 // out[d * 16 + r] = rows[r][d0 + d] for r, d < 8: one 8 x 8 transpose (rows[r] null: zeros).
 MOELENS_AVX2 void transpose8(const float* const* rows, int64_t d0, float* out) {
   __m256 r[8];
-  for (int i = 0; i < 8; ++i) r[i] = rows[i] ? _mm256_loadu_ps(rows[i] + d0) : _mm256_setzero_ps();
+  for (int i = 0; i < 8; ++i)
+    r[i] = rows[i] ? _mm256_loadu_ps(rows[i] + d0) : _mm256_setzero_ps();
   __m256 s[8];
   for (int i = 0; i < 8; i += 4) {  // rows i..i+3: s[i + j] holds dims j (low lane), j + 4 (high)
-    const __m256 lo01 = _mm256_unpacklo_ps(r[i], r[i + 1]), hi01 = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    const __m256 lo01 = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    const __m256 hi01 = _mm256_unpackhi_ps(r[i], r[i + 1]);
     const __m256 lo23 = _mm256_unpacklo_ps(r[i + 2], r[i + 3]);
     const __m256 hi23 = _mm256_unpackhi_ps(r[i + 2], r[i + 3]);
     s[i] = _mm256_shuffle_ps(lo01, lo23, _MM_SHUFFLE(1, 0, 1, 0));
@@ -279,8 +284,7 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
     groups[i].kp = packed.get() + offsets[3 * i + 1];
     groups[i].vp = packed.get() + offsets[3 * i + 2];
   }
-  // work items: the longest prompts first, each group's items together (both threads then
-  // read the same packed K/V) and longest first within it (the shortest items end the call)
+  // work items in the order of the file comment
   std::vector<int64_t> order(groups.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
