@@ -61,14 +61,15 @@ def main() -> None:
     print(f"{'panels' if panels else 'F.linear'} GEMMs, {args.threads} threads")
     for n in (int(t) for t in args.tokens.split(",")):
         hidden = torch.randn(n, cfg.hidden_size)  # [T, H]
-        positions = torch.arange(n) % cfg.max_position_embeddings
+        rope = stages.rope_tables(torch.arange(n) % cfg.max_position_embeddings, inv_freq,
+                                  hidden.dtype)
         attn = torch.randn(n, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
         best = None
         with torch.inference_mode():
             for _ in range(args.repeats):
                 gemm.update(s=0.0, flops=0.0)
                 start = time.perf_counter()
-                stages.pre_attention(cfg, layer, hidden, positions, inv_freq)
+                stages.pre_attention(cfg, layer, hidden, rope)
                 stages.post_attention(cfg, layer, hidden, attn)
                 total = time.perf_counter() - start
                 if best is None or total < best[0]:

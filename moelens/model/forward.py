@@ -18,7 +18,8 @@ import torch
 from moelens.config import ModelConfig
 from moelens.kv_cache import KVPool, pad_block_tables
 from moelens.model import attention as ref_attention
-from moelens.model.stages import embed, final_logits, post_attention, pre_attention
+from moelens.model.stages import (embed, final_logits, post_attention, pre_attention,
+                                   rope_tables)
 from moelens.model.weights import ModelWeights
 
 
@@ -107,8 +108,9 @@ def forward(cfg: ModelConfig, weights: ModelWeights, batch: ForwardBatch,
     """All layers, then logits of the emitting rows: -> [R, V] fp32."""
     split = split_attention(batch)
     hidden = embed(weights, batch.token_ids)  # [T, H]
+    rope = rope_tables(batch.positions, inv_freq, hidden.dtype)
     for layer, lw in enumerate(weights.layers):
-        q, k, v = pre_attention(cfg, lw, hidden, batch.positions, inv_freq)
+        q, k, v = pre_attention(cfg, lw, hidden, rope)
         attn = backend.attend(layer, q, k, v, batch, split)
         hidden = post_attention(cfg, lw, hidden, attn)
     return final_logits(cfg, weights, hidden, batch.emit_rows)

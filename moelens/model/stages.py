@@ -7,6 +7,8 @@ machines: pre_attention -> (attention, anywhere) -> post_attention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -29,13 +31,30 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch
     return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [T, heads, D]; positions: [T] -> [T, heads, D]."""
+@dataclass(frozen=True)
+class Rope:
+    """The rotary tables of a batch's positions: built once (`rope_tables`), used by every
+    layer's q and k."""
+
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor  # [T, 1, D/2]: both halves of the rotate-half form use the same sines
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> Rope:
+    """cos/sin in fp32, cast to the activations' dtype (as HF does). positions: [T]."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [T, D]
-    cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]  # [T, 1, D]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    cos = torch.cat([freqs, freqs], dim=-1).cos()  # [T, D]
+    return Rope(cos=cos.to(dtype)[:, None], sin=freqs.sin().to(dtype)[:, None])
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate-half RoPE, (x1·cos − x2·sin, x2·cos + x1·sin) per head, in three ops (~4x the
+    mul/cat/mul/add form on CPU). x: [T, heads, D] -> [T, heads, D]."""
+    half = x.shape[-1] // 2
+    out = x * rope.cos
+    out[..., :half].addcmul_(x[..., half:], rope.sin, value=-1)
+    out[..., half:].addcmul_(x[..., :half], rope.sin)
+    return out
 
 
 def embed(weights: ModelWeights, token_ids: torch.Tensor) -> torch.Tensor:
@@ -55,8 +74,8 @@ def _qk_norm(cfg: ModelConfig, lw: LayerWeights, q: torch.Tensor,
     return q, k
 
 
-def pre_attention(cfg: ModelConfig, lw: LayerWeights, hidden: torch.Tensor, positions: torch.Tensor,
-                  inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pre_attention(cfg: ModelConfig, lw: LayerWeights, hidden: torch.Tensor,
+                  rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Norm, fused QKV, q/k norms, clip, RoPE. hidden: [T, H] -> q [T,Hq,D], k/v [T,Hkv,D]."""
     x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
     qkv = linear(x, lw.qkv_proj, lw.qkv_bias)  # [T, Q + 2KV]
@@ -65,8 +84,8 @@ def pre_attention(cfg: ModelConfig, lw: LayerWeights, hidden: torch.Tensor, posi
     if cfg.clip_qkv is not None:
         q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     t, d = hidden.shape[0], cfg.head_dim
-    q = apply_rope(q.reshape(t, cfg.num_heads, d), positions, inv_freq)
-    k = apply_rope(k.reshape(t, cfg.num_kv_heads, d), positions, inv_freq)
+    q = apply_rope(q.reshape(t, cfg.num_heads, d), rope)
+    k = apply_rope(k.reshape(t, cfg.num_kv_heads, d), rope)
     return q, k, v.reshape(t, cfg.num_kv_heads, d)
 
 

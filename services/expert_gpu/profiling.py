@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moelens.model.stages import post_attention, pre_attention
+from moelens.model.stages import post_attention, pre_attention, rope_tables
 from moelens.profiler import fit_line
 from moelens.sampling import RowSampling, SamplingParams
 from moelens.v1 import attention_pb2
@@ -56,12 +56,13 @@ def measure_gemm_line(worker, token_counts=(32, 64, 128, 256, 512, 1024)) -> tup
     xs, ys = [], []
     for n in sorted({min(n, worker.config.max_num_tokens) for n in token_counts}):
         hidden = torch.randn(n, cfg.hidden_size, device=worker.device, dtype=worker.weights.embed.dtype)
-        positions = torch.arange(n, device=worker.device)
+        rope = rope_tables(torch.arange(n, device=worker.device), worker.runner.inv_freq,
+                           hidden.dtype)
         attn = torch.zeros(n, cfg.num_heads, cfg.head_dim, device=worker.device, dtype=hidden.dtype)
         best = float("inf")
         for _ in range(3):
             start = _now(worker.device)
-            pre_attention(cfg, lw, hidden, positions, worker.runner.inv_freq)
+            pre_attention(cfg, lw, hidden, rope)
             post_attention(cfg, lw, hidden, attn)
             best = min(best, _now(worker.device) - start)
         xs.append(float(n))

@@ -27,7 +27,8 @@ from moelens.kv_cache import slots_for_positions
 from moelens.model.attention import prefill_attention
 from moelens.model.forward import ForwardBatch, split_attention
 from moelens.model.sampling import SampleOutput, sample
-from moelens.model.stages import embed, final_logits, post_attention, pre_attention
+from moelens.model.stages import (Rope, embed, final_logits, post_attention, pre_attention,
+                                   rope_tables)
 from moelens.model.weights import ModelWeights
 from moelens.sampling import RowSampling
 from moelens.stats import StepTimings
@@ -54,6 +55,7 @@ class _Group:
     batch: ForwardBatch
     plan: attention_pb2.AttentionPlan
     split: object
+    rope: Rope  # the group's rotary tables, shared by all layers
     hidden: torch.Tensor | None = None
     attn: torch.Tensor | None = None
     emit_order: list[int] = field(default_factory=list)  # positions in the step's emit list
@@ -141,7 +143,8 @@ class StepRunner:
             slots=torch.tensor(slots), emit_rows=torch.tensor(emit, dtype=torch.int64, device=dev))
         split = split_attention(batch)
         return _Group(index=index, seqs=seqs, batch=batch, split=split,
-                      plan=self._plan(seqs, slots))
+                      plan=self._plan(seqs, slots),
+                      rope=rope_tables(batch.positions, self.inv_freq, self.dtype))
 
     def _plan(self, seqs: list[SeqStep], slots: list[int]) -> attention_pb2.AttentionPlan:
         plan = attention_pb2.AttentionPlan(slots=slots)
@@ -179,7 +182,7 @@ class StepRunner:
 
     def _pre_and_send(self, step_id: int, g: _Group, layer: int, lw, clock: _Clock) -> None:
         t0 = clock.now()
-        q, k, v = pre_attention(self.cfg, lw, g.hidden, g.batch.positions, self.inv_freq)
+        q, k, v = pre_attention(self.cfg, lw, g.hidden, g.rope)
         t1 = clock.now()
         request = attention_pb2.LayerRequest(step_id=step_id, layer=layer, group=g.index)
         if layer == 0:
