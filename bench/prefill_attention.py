@@ -16,21 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from ab_kernels import timed  # bench/ is the script's folder: the same alternating timer
 from moelens import panel_gemm
 from moelens.model.attention import prefill_attention
-
-
-def median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -60,13 +51,9 @@ def main() -> None:
             ours = panel_gemm.causal_attention(q, k, v, lengths, scale)
             torch.testing.assert_close(ours, prefill_attention(q, k, v, lengths, scale),
                                        atol=1e-4, rtol=1e-4)
-            times = {"sdpa": [], "panel": []}
-            for _ in range(args.reps):  # alternate, one call each per round
-                times["sdpa"].append(median_ms(
-                    lambda: prefill_attention(q, k, v, lengths, scale), 1))
-                times["panel"].append(median_ms(
-                    lambda: panel_gemm.causal_attention(q, k, v, lengths, scale), 1))
-            sdpa, panel = (statistics.median(times[n]) for n in ("sdpa", "panel"))
+            paths = (prefill_attention, panel_gemm.causal_attention)
+            times = timed(lambda i: paths[i](q, k, v, lengths, scale), args.reps, len(paths))
+            sdpa, panel = (statistics.median(t) * 1e3 for t in times)
             flops = 2 * prompts * heads * length * (length + 1) * dim  # two GEMMs, causal half
             row = {"heads": heads, "kv_heads": kv_heads, "head_dim": dim, "prompt_len": length,
                    "prompts": prompts, "sdpa_ms": sdpa, "panel_ms": panel,

@@ -30,14 +30,30 @@ inline bool cpu_supported() {
 #endif
 }
 
-#if MOELENS_PANEL_X86
-#define MOELENS_AVX2 __attribute__((target("avx2,fma")))
-#define MOELENS_AVX2_IF_X86 MOELENS_AVX2
-#else
-#define MOELENS_AVX2_IF_X86
-#endif
+// Where an a operand reads its row r: row index[r] (a gather) or r, `stride` floats apart.
+struct Rows {
+  const float* x;
+  int64_t stride;
+  const int64_t* index;  // nullptr: rows in order
+  const float* row(int64_t r) const { return x + (index ? index[r] : r) * stride; }
+};
+
+// One a micro-panel [kc][6]: rows [m0, m0 + rows) x columns [k0, k0 + kc) of x, rows past
+// `rows` (<= 6) zero.
+inline void pack_micro_panel(const Rows& x, int64_t m0, int rows, int64_t k0, int kc,
+                             float* out) {
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) {
+      for (int k = 0; k < kc; ++k) out[k * MR + r] = 0.f;
+      continue;
+    }
+    const float* src = x.row(m0 + r) + k0;
+    for (int k = 0; k < kc; ++k) out[k * MR + r] = src[k];
+  }
+}
 
 #if MOELENS_PANEL_X86
+#define MOELENS_AVX2 __attribute__((target("avx2,fma")))
 
 // The 16 accumulated columns of one row of a micro-tile, and where they sit in the GEMM.
 struct Tile {

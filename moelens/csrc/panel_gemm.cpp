@@ -46,31 +46,14 @@ using namespace moelens::panel;
 constexpr int KC = 1024;  // reduction depth per block
 constexpr int MC = 144;   // rows of x per block (24 micro-panels)
 
-// Where the GEMM reads row r of x: row index[r] (a gather) or r, `stride` floats apart.
-struct Rows {
-  const float* x;
-  int64_t stride;
-  const int64_t* index;  // nullptr: rows in order
-  const float* row(int64_t r) const { return x + (index ? index[r] : r) * stride; }
-};
-
 // Rows [m0, m0 + mc) x columns [k0, k0 + kc) of x as micro-panels [ceil(mc / 6)][kc][6], rows
 // past mc zero. Micro-panels are shared out over the calling team.
 void pack_x(const Rows& x, int64_t m0, int mc, int64_t k0, int kc, float* out) {
   const int panels = (mc + MR - 1) / MR;
 #pragma omp for schedule(static)
-  for (int mp = 0; mp < panels; ++mp) {
-    float* o = out + int64_t(mp) * kc * MR;
-    const int rows = std::min(MR, mc - mp * MR);
-    for (int r = 0; r < MR; ++r) {
-      if (r >= rows) {
-        for (int k = 0; k < kc; ++k) o[k * MR + r] = 0.f;
-        continue;
-      }
-      const float* src = x.row(m0 + mp * MR + r) + k0;
-      for (int k = 0; k < kc; ++k) o[k * MR + r] = src[k];
-    }
-  }
+  for (int mp = 0; mp < panels; ++mp)
+    pack_micro_panel(x, m0 + mp * MR, std::min(MR, mc - mp * MR), k0, kc,
+                     out + int64_t(mp) * kc * MR);
 }
 
 #if MOELENS_PANEL_X86

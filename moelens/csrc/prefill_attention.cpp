@@ -58,19 +58,7 @@ struct Item {
   int64_t keys;  // keys the item needs: its last position + 1
 };
 
-// x[t, h, 0:D] rows of a [T, H, D] tensor as micro-panels [ceil(n / 6)][D][6] of rows t0..t0+n.
-void pack_rows(const float* x, int64_t t0, int64_t n, int64_t heads, int64_t h, int64_t dim,
-               float* out) {
-  for (int64_t mp = 0; mp < (n + MR - 1) / MR; ++mp) {
-    float* o = out + mp * dim * MR;
-    for (int r = 0; r < MR; ++r) {
-      const int64_t t = mp * MR + r;
-      const float* src = x + ((t0 + t) * heads + h) * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d * MR + r] = t < n ? src[d] : 0.f;
-    }
-  }
-}
-
+#if MOELENS_PANEL_X86  // the packers and the item kernel; the entry point checks the CPU
 // The columns 0:D of rows t0..t0+n of x[t, h, :], transposed into micro-panels
 // [ceil(D / 6)][n][6] (6 head dims each, dims past D zero).
 void pack_dims(const float* x, int64_t t0, int64_t n, int64_t heads, int64_t h, int64_t dim,
@@ -84,7 +72,6 @@ void pack_dims(const float* x, int64_t t0, int64_t n, int64_t heads, int64_t h, 
   }
 }
 
-#if MOELENS_PANEL_X86
 // out[d * 16 + r] = rows[r][d0 + d] for r, d < 8: one 8 x 8 transpose (rows[r] null: zeros).
 MOELENS_AVX2 void transpose8(const float* const* rows, int64_t d0, float* out) {
   __m256 r[8];
@@ -106,11 +93,10 @@ MOELENS_AVX2 void transpose8(const float* const* rows, int64_t d0, float* out) {
     _mm256_storeu_ps(out + (j + 4) * NR, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
   }
 }
-#endif
 
 // The query rows of group g (position-major, G heads per position) as panels [D][16], rows past
-// L·G zero; 8 x 8 transposes where the CPU has AVX2.
-MOELENS_AVX2_IF_X86 void pack_queries(const float* q, const Group& g, int64_t hq,
+// L·G zero; 8 x 8 transposes, the dims past a multiple of 8 one by one.
+MOELENS_AVX2 void pack_queries(const float* q, const Group& g, int64_t hq,
                                       int64_t group_size, int64_t dim) {
   const int64_t rows = g.len * group_size;
   for (int64_t j = 0; j < (rows + NR - 1) / NR; ++j) {
@@ -121,18 +107,15 @@ MOELENS_AVX2_IF_X86 void pack_queries(const float* q, const Group& g, int64_t hq
       src[c] = i < rows ? q + ((g.start + i / group_size) * hq + head) * dim : nullptr;
     }
     int64_t d = 0;
-#if MOELENS_PANEL_X86
     for (; d + 8 <= dim; d += 8) {
       transpose8(src, d, o + d * NR);
       transpose8(src + 8, d, o + d * NR + 8);
     }
-#endif
     for (; d < dim; ++d)
       for (int c = 0; c < NR; ++c) o[d * NR + c] = src[c] ? src[c][d] : 0.f;
   }
 }
 
-#if MOELENS_PANEL_X86
 // S^T[key, 0:16] = scale * tile row (the 16 query rows' scores for one key).
 struct StoreScores {
   float* st;
@@ -306,7 +289,10 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
     for (int64_t gi = 0; gi < int64_t(groups.size()); ++gi) {
       const Group& g = groups[gi];
       pack_queries(qd, g, hq, group_size, dim);
-      pack_rows(kd, g.start, g.len, hkv, g.kv_head, dim, g.kp);
+      const Rows keys{kd + g.kv_head * dim, hkv * dim, nullptr};  // K[t, h, :]
+      for (int64_t k0 = 0; k0 < g.len; k0 += MR)
+        pack_micro_panel(keys, g.start + k0, int(std::min<int64_t>(MR, g.len - k0)), 0, int(dim),
+                         g.kp + k0 * dim);
       pack_dims(vd, g.start, g.len, hkv, g.kv_head, dim, g.vp);
     }
     Scratch sc;
