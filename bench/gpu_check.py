@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_check"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
     from moelens_cli.launcher import LaunchOptions, start_local_services
@@ -80,7 +81,9 @@ def main() -> int:
     from services.coordinator.perf_model import Workload, predict
     import grpc
 
+    start = time.perf_counter()
     model_dir = write_checkpoint(args.out / "mixtral-8x7b-shaped", args.layers)
+    print(f"checkpoint: {args.layers} layers in {time.perf_counter() - start:.1f} s")
     options = LaunchOptions(model=str(model_dir), device="cuda", dtype="bfloat16",
                             device_memory_gb=args.device_memory_gb, kv_cache_gb=args.kv_cache_gb,
                             kv_dtype="bfloat16", log_dir=args.out / "logs", startup_timeout_s=900)
@@ -115,6 +118,23 @@ def main() -> int:
         print(f"Stage-1 bound T_max: {prediction.stage1.t_max:.1f} tok/s; Stage-2 prediction "
               f"{prediction.stage2.total_tokens_per_s:.1f} tok/s; bottleneck "
               f"{prediction.bottleneck}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": torch.cuda.get_device_name(), "layers": args.layers,
+            "device_memory_gb": args.device_memory_gb, "kv_cache_gb": args.kv_cache_gb,
+            "num_requests": args.num_requests, "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len, "h2d_bytes_per_s": e_info.h2d_bytes_per_s,
+            "layer_gemm_intercept_s": e_info.layer_gemm.intercept_s,
+            "layer_gemm_slope_s": e_info.layer_gemm.slope_s,
+            "num_resident_layers": e_info.num_resident_layers,
+            "num_streamed_layers": e_info.num_streamed_layers,
+            "weight_bytes_streamed_per_step": e_info.weight_bytes_streamed_per_step,
+            "token_budget": lens.token_budget(), "wall_s": wall,
+            "total_tokens_per_s": total / wall,
+            "output_tokens_per_s": args.num_requests * args.gen_len / wall,
+            "stage1_t_max": prediction.stage1.t_max,
+            "predicted_total_tokens_per_s": prediction.stage2.total_tokens_per_s,
+            "bottleneck": prediction.bottleneck}, indent=1))
     return 0
 
 

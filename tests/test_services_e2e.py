@@ -65,7 +65,7 @@ def test_generate_command_matches_transformers(tiny_checkpoints, tmp_path):
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     command = [sys.executable, "-m", "moelens_cli.main", "generate", "--model", str(model_dir),
                "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-               "--temperature", "0", "--ignore-eos", "--transport", "grpc",
+               "--temperature", "0", "--ignore-eos", "--transport", "grpc", "--dtype", "float32",
                "--kv-cache-gb", "0.05", "--block-size", "8"]
     subprocess.run(command, check=True, timeout=600)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
