@@ -24,7 +24,7 @@ from types import ModuleType
 import platformdirs
 import torch
 
-CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+CFLAGS = ("-O3", "-fopenmp")
 SHARED_INCLUDE = Path(__file__).resolve().parent / "csrc" / "common"
 """Headers every extension may include (on the include path, in every build key)."""
 LDFLAGS = ("-fopenmp",)
