@@ -62,13 +62,15 @@ def sampling_message(sampling: Mapping[str, Any]) -> common_pb2.SamplingParams:
 
 
 def build_request(prompt: Prompt, *, request_id: str | None = None,
-                  detokenize: bool | None = None,
+                  detokenize: bool | None = None, final_only: bool = False,
                   **sampling: Any) -> coordinator_pb2.GenerateRequest:
     """A validated GenerateRequest; the id is chosen here when not given, so abort() can use it
-    before the first chunk arrives. detokenize=None streams text only for text prompts."""
+    before the first chunk arrives. detokenize=None streams text only for text prompts;
+    final_only asks for all tokens in one chunk at the end (callers that want only the result)."""
     request = coordinator_pb2.GenerateRequest(
         request_id=request_id or uuid.uuid4().hex, sampling=sampling_message(sampling),
-        detokenize=isinstance(prompt, str) if detokenize is None else bool(detokenize))
+        detokenize=isinstance(prompt, str) if detokenize is None else bool(detokenize),
+        final_only=final_only)
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidArgumentError("prompt must be non-empty")
@@ -85,7 +87,8 @@ def build_request(prompt: Prompt, *, request_id: str | None = None,
 def build_batch(prompts: Sequence[Prompt], overrides: Sequence[Mapping[str, Any]] | None,
                 defaults: Mapping[str, Any],
                 detokenize: bool | None) -> list[coordinator_pb2.GenerateRequest]:
-    """Every request of a batch, all validated before any is sent ("prompt i: ..." on error)."""
+    """Every request of a batch, all validated before any is sent ("prompt i: ..." on error);
+    final-only, since a batch returns results."""
     if overrides is not None and len(overrides) != len(prompts):
         raise InvalidArgumentError(f"overrides has {len(overrides)} entries for "
                                    f"{len(prompts)} prompts; pass one dict per prompt")
@@ -93,7 +96,8 @@ def build_batch(prompts: Sequence[Prompt], overrides: Sequence[Mapping[str, Any]
     for i, prompt in enumerate(prompts):
         sampling = {**defaults, **(overrides[i] if overrides is not None else {})}
         try:
-            requests.append(build_request(prompt, detokenize=detokenize, **sampling))
+            requests.append(build_request(prompt, detokenize=detokenize, final_only=True,
+                                          **sampling))
         except InvalidArgumentError as err:
             raise err.with_prefix(f"prompt {i}: ") from None
     return requests

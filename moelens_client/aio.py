@@ -120,9 +120,9 @@ class AsyncClient:
                        detokenize: bool | None = None, timeout: float | None = None,
                        **sampling: Any) -> GenerationResult:
         """Run one request to completion (sampling keywords as in Client.generate)."""
-        stream = self.generate_stream(prompt, request_id=request_id, detokenize=detokenize,
-                                      timeout=timeout, **sampling)
-        return await stream.result()
+        request = build_request(prompt, request_id=request_id, detokenize=detokenize,
+                                final_only=True, **sampling)
+        return await self._start(request, timeout).result()
 
     async def generate_batch(self, prompts: Sequence[Prompt], *,
                              overrides: Sequence[Mapping[str, Any]] | None = None,

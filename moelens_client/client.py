@@ -128,8 +128,9 @@ class Client:
                  **sampling: Any) -> GenerationResult:
         """Run one request to completion. Sampling keywords: max_tokens, min_tokens, temperature,
         top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs (None = not returned)."""
-        return self.generate_stream(prompt, request_id=request_id, detokenize=detokenize,
-                                    timeout=timeout, **sampling).result()
+        request = build_request(prompt, request_id=request_id, detokenize=detokenize,
+                                final_only=True, **sampling)
+        return self._start(request, timeout).result()
 
     def generate_batch(self, prompts: Sequence[Prompt], *,
                        overrides: Sequence[Mapping[str, Any]] | None = None,

@@ -130,3 +130,23 @@ def test_prompt_longer_than_context_rejected():
 def test_invalid_config_names_flag():
     with pytest.raises(ValueError, match="--token-budget"):
         SchedulerConfig(token_budget=0)
+
+
+def test_final_only_request_publishes_one_token_event_before_the_end():
+    from services.coordinator.request import FinishEvent, TokenEvent
+    delta, final = _request(4, 8), _request(4, 8)
+    final.final_only = True
+    for r in (delta, final):
+        r.publish(TokenEvent([5], "a", [-0.5]))
+        r.publish(TokenEvent([6], "b", [-0.25]))
+    assert final.events.empty() and delta.events.qsize() == 2
+    final.finish(RequestStatus.FINISHED_LENGTH)
+    held, end = final.events.get_nowait(), final.events.get_nowait()
+    assert (held.token_ids, held.text, held.logprobs) == ([5, 6], "ab", [-0.5, -0.25])
+    assert end == FinishEvent("length") and final.events.empty()
+    failed = _request(4, 8)
+    failed.final_only = True
+    failed.publish(TokenEvent([9]))
+    failed.publish(RuntimeError("expert died"))
+    assert failed.events.get_nowait().token_ids == [9]
+    assert isinstance(failed.events.get_nowait(), RuntimeError)

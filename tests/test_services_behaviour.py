@@ -76,6 +76,41 @@ def test_two_concurrent_streams_complete_and_correct(services, tiny_checkpoints)
         assert tokens == hf_greedy(reference, prompt, 33)
 
 
+def test_final_only_stream_is_one_chunk_equal_to_the_deltas(services):
+    stub = _stub(services.coordinator_address)
+    sampling = dict(max_tokens=24, ignore_eos=True, logprobs=2)
+    deltas = list(stub.Generate(_request(list(range(5, 17)), **sampling), timeout=120))
+    request = _request(list(range(5, 17)), **sampling)
+    request.final_only = True
+    final = list(stub.Generate(request, timeout=120))
+    assert len(deltas) > 2  # a chunk per iteration
+    assert [e.WhichOneof("event") for e in final] == ["chunk", "complete"]
+    merged = coordinator_pb2.GenerateChunk()
+    for e in deltas[:-1]:
+        merged.MergeFrom(e.chunk)  # repeated fields append
+    assert final[0].chunk.token_ids == merged.token_ids and len(merged.token_ids) == 24
+    assert final[0].chunk.top_token_ids == merged.top_token_ids
+    assert final[0].chunk.logprobs == pytest.approx(merged.logprobs)
+    assert final[1].complete.usage.completion_tokens == 24
+
+
+def test_aborted_final_only_request_returns_its_tokens(services):
+    stub = _stub(services.coordinator_address)
+    request = _request(list(range(30)), max_tokens=400, ignore_eos=True)
+    request.request_id, request.final_only = "final-to-abort", True
+    stream = stub.Generate(request, timeout=120)
+    deadline = time.monotonic() + 30
+    while _used_blocks(services) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # a few iterations
+    assert stub.Abort(coordinator_pb2.AbortRequest(request_id="final-to-abort")).aborted
+    events = list(stream)
+    assert [e.WhichOneof("event") for e in events] == ["chunk", "complete"]
+    assert events[1].complete.finish_reason == "abort"
+    assert len(events[0].chunk.token_ids) == events[1].complete.usage.completion_tokens > 0
+    assert _wait_blocks_freed(services) == 0
+
+
 def test_abort_stops_request_and_frees_blocks(services):
     stub = _stub(services.coordinator_address)
     request = _request(list(range(30)), max_tokens=400, ignore_eos=True)

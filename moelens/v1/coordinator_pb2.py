@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from moelens.v1 import common_pb2 as moelens_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoelens/v1/coordinator.proto\x12\nmoelens.v1\x1a\x17moelens/v1/common.proto\"\xab\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.moelens.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moelens.v1.SamplingParams\x12\x12\n\ndetokenize\x18\x05 \x01(\x08\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"o\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\x88\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x15\n\re2e_latency_s\x18\x04 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x05\"`\n\x10GenerateComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.moelens.v1.Usage\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\"\x8d\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.moelens.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1c.moelens.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xeb\x01\n\tModelInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\"\x13\n\x11ServerInfoRequest\"\x8f\x03\n\nServerInfo\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\x03\x12\x1a\n\x12num_free_kv_blocks\x18\x04 \x01(\x03\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x07 \x01(\x05\x12\x16\n\x0e\x65xpert_address\x18\x08 \x01(\t\x12\x19\n\x11\x61ttention_address\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x11\n\ttransport\x18\x0b \x01(\t\x12\x17\n\x0fnum_preemptions\x18\x0c \x01(\x03\x12\x11\n\tnum_steps\x18\r \x01(\x03\x12\x1e\n\x16predicted_tokens_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15measured_tokens_per_s\x18\x0f \x01(\x01\x12\x12\n\nbottleneck\x18\x10 \x01(\t\x12\x10\n\x08pipeline\x18\x11 \x01(\x08\x32\xa1\x02\n\x0b\x43oordinator\x12G\n\x08Generate\x12\x1b.moelens.v1.GenerateRequest\x1a\x1c.moelens.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.moelens.v1.AbortRequest\x1a\x19.moelens.v1.AbortResponse\x12\x43\n\x0cGetModelInfo\x12\x1c.moelens.v1.ModelInfoRequest\x1a\x15.moelens.v1.ModelInfo\x12\x46\n\rGetServerInfo\x12\x1d.moelens.v1.ServerInfoRequest\x1a\x16.moelens.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoelens/v1/coordinator.proto\x12\nmoelens.v1\x1a\x17moelens/v1/common.proto\"\xbf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.moelens.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moelens.v1.SamplingParams\x12\x12\n\ndetokenize\x18\x05 \x01(\x08\x12\x12\n\nfinal_only\x18\x06 \x01(\x08\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"o\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\x88\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x15\n\re2e_latency_s\x18\x04 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x05\"`\n\x10GenerateComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.moelens.v1.Usage\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\"\x8d\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.moelens.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1c.moelens.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xeb\x01\n\tModelInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\"\x13\n\x11ServerInfoRequest\"\x8f\x03\n\nServerInfo\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\x03\x12\x1a\n\x12num_free_kv_blocks\x18\x04 \x01(\x03\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x07 \x01(\x05\x12\x16\n\x0e\x65xpert_address\x18\x08 \x01(\t\x12\x19\n\x11\x61ttention_address\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x11\n\ttransport\x18\x0b \x01(\t\x12\x17\n\x0fnum_preemptions\x18\x0c \x01(\x03\x12\x11\n\tnum_steps\x18\r \x01(\x03\x12\x1e\n\x16predicted_tokens_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15measured_tokens_per_s\x18\x0f \x01(\x01\x12\x12\n\nbottleneck\x18\x10 \x01(\t\x12\x10\n\x08pipeline\x18\x11 \x01(\x08\x32\xa1\x02\n\x0b\x43oordinator\x12G\n\x08Generate\x12\x1b.moelens.v1.GenerateRequest\x1a\x1c.moelens.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.moelens.v1.AbortRequest\x1a\x19.moelens.v1.AbortResponse\x12\x43\n\x0cGetModelInfo\x12\x1c.moelens.v1.ModelInfoRequest\x1a\x15.moelens.v1.ModelInfo\x12\x46\n\rGetServerInfo\x12\x1d.moelens.v1.ServerInfoRequest\x1a\x16.moelens.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moelens.v1.coordinator_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=70
-  _globals['_GENERATEREQUEST']._serialized_end=241
-  _globals['_TOKENIDS']._serialized_start=243
-  _globals['_TOKENIDS']._serialized_end=266
-  _globals['_GENERATECHUNK']._serialized_start=268
-  _globals['_GENERATECHUNK']._serialized_end=379
-  _globals['_USAGE']._serialized_start=382
-  _globals['_USAGE']._serialized_end=518
-  _globals['_GENERATECOMPLETE']._serialized_start=520
-  _globals['_GENERATECOMPLETE']._serialized_end=616
-  _globals['_GENERATERESPONSE']._serialized_start=619
-  _globals['_GENERATERESPONSE']._serialized_end=760
-  _globals['_ABORTREQUEST']._serialized_start=762
-  _globals['_ABORTREQUEST']._serialized_end=796
-  _globals['_ABORTRESPONSE']._serialized_start=798
-  _globals['_ABORTRESPONSE']._serialized_end=830
-  _globals['_MODELINFOREQUEST']._serialized_start=832
-  _globals['_MODELINFOREQUEST']._serialized_end=850
-  _globals['_MODELINFO']._serialized_start=853
-  _globals['_MODELINFO']._serialized_end=1088
-  _globals['_SERVERINFOREQUEST']._serialized_start=1090
-  _globals['_SERVERINFOREQUEST']._serialized_end=1109
-  _globals['_SERVERINFO']._serialized_start=1112
-  _globals['_SERVERINFO']._serialized_end=1511
-  _globals['_COORDINATOR']._serialized_start=1514
-  _globals['_COORDINATOR']._serialized_end=1803
+  _globals['_GENERATEREQUEST']._serialized_end=261
+  _globals['_TOKENIDS']._serialized_start=263
+  _globals['_TOKENIDS']._serialized_end=286
+  _globals['_GENERATECHUNK']._serialized_start=288
+  _globals['_GENERATECHUNK']._serialized_end=399
+  _globals['_USAGE']._serialized_start=402
+  _globals['_USAGE']._serialized_end=538
+  _globals['_GENERATECOMPLETE']._serialized_start=540
+  _globals['_GENERATECOMPLETE']._serialized_end=636
+  _globals['_GENERATERESPONSE']._serialized_start=639
+  _globals['_GENERATERESPONSE']._serialized_end=780
+  _globals['_ABORTREQUEST']._serialized_start=782
+  _globals['_ABORTREQUEST']._serialized_end=816
+  _globals['_ABORTRESPONSE']._serialized_start=818
+  _globals['_ABORTRESPONSE']._serialized_end=850
+  _globals['_MODELINFOREQUEST']._serialized_start=852
+  _globals['_MODELINFOREQUEST']._serialized_end=870
+  _globals['_MODELINFO']._serialized_start=873
+  _globals['_MODELINFO']._serialized_end=1108
+  _globals['_SERVERINFOREQUEST']._serialized_start=1110
+  _globals['_SERVERINFOREQUEST']._serialized_end=1129
+  _globals['_SERVERINFO']._serialized_start=1132
+  _globals['_SERVERINFO']._serialized_end=1531
+  _globals['_COORDINATOR']._serialized_start=1534
+  _globals['_COORDINATOR']._serialized_end=1823
 # @@protoc_insertion_point(module_scope)

@@ -139,7 +139,7 @@ class Engine:
         with self._inbox.lock:
             self.fatal_error = err
             for request in list(self.requests.values()):
-                request.events.put(err)
+                request.publish(err)
             self.requests.clear()
 
     def _stats(self, plan: SchedulerOutput, result: StepResult) -> StepStats:

@@ -39,6 +39,14 @@ class TokenEvent:
     top_token_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
 
+    def extend(self, later: "TokenEvent") -> None:
+        """Append a later event's tokens (the one chunk of a final-only stream)."""
+        self.token_ids += later.token_ids
+        self.text += later.text
+        self.logprobs += later.logprobs
+        self.top_token_ids += later.top_token_ids
+        self.top_logprobs += later.top_logprobs
+
 
 @dataclass
 class FinishEvent:
@@ -64,7 +72,11 @@ class Request:
     first_scheduled_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
     events: queue.Queue = field(default_factory=queue.Queue)
-    """TokenEvent / FinishEvent for the client stream, in order."""
+    """TokenEvent / FinishEvent / Exception for the client stream, in order (see `publish`)."""
+    final_only: bool = False
+    """The client wants one chunk at the end: token events are held until then."""
+    held: TokenEvent | None = None
+    """The token events held back so far, merged into one."""
     detokenizer: object | None = None
     """IncrementalDetokenizer when text is wanted (detokenize or stop strings)."""
     text: str = ""
@@ -94,7 +106,21 @@ class Request:
 
     def finish(self, status: RequestStatus, stop_reason: str = "") -> None:
         self.status = status
-        self.events.put(FinishEvent(FINISH_REASON[status], stop_reason))
+        self.publish(FinishEvent(FINISH_REASON[status], stop_reason))
+
+    def publish(self, event: TokenEvent | FinishEvent | Exception) -> None:
+        """Hand an event to the client stream; a final-only request's token events wait, merged,
+        for the event that ends the stream."""
+        if self.final_only and isinstance(event, TokenEvent):
+            if self.held is None:
+                self.held = event
+            else:
+                self.held.extend(event)
+            return
+        if self.held is not None:
+            self.events.put(self.held)
+            self.held = None
+        self.events.put(event)
 
     def reset_for_recompute(self) -> None:
         """Preempted: its cache is gone; prompt + output so far will be recomputed."""

@@ -47,7 +47,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         prompt = self._prompt_ids(request)
         req = Request(request_id=request.request_id or uuid.uuid4().hex,
                       seq_id=next(self._seq_ids), prompt_ids=prompt, params=params,
-                      seed=params.seed if params.seed is not None else secrets.randbits(62))
+                      seed=params.seed if params.seed is not None else secrets.randbits(62),
+                      final_only=request.final_only)
         if self.state.tokenizer is not None and (request.detokenize or params.stop):
             req.detokenizer = self.state.tokenizer.detokenizer()
         elif params.stop:

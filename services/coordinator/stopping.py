@@ -27,7 +27,7 @@ class StopChecker:
                 request.text += request.detokenizer.flush()
             if status is None or status == RequestStatus.FINISHED_LENGTH:
                 status, reason = self._check_stop_strings(request) or (status, reason)
-        request.events.put(self._event(request, sampled, is_final=status is not None))
+        request.publish(self._event(request, sampled, is_final=status is not None))
         return status, reason
 
     def _check_tokens(self, request: Request, token: int) -> tuple[RequestStatus | None, str]:
