@@ -2,7 +2,7 @@
 
     python bench/extension_errors.py
 
-On the H200 machine's image (torch 2.11.0+cu130, Ubuntu g++ 13.3; 2026-11-29) a TORCH_CHECK_VALUE
+On the H200 machine's image (torch 2.11.0+cu130, Ubuntu g++ 13.3; 2026-11-30) a TORCH_CHECK_VALUE
 thrown from a five-line extension killed the process with SIGSEGV while a std::runtime_error came
 through as RuntimeError; our kernels' argument checks (ValueError) crashed the same way, whether
 thrown as c10::ValueError or std::invalid_argument. This prints, for one minimal extension and
