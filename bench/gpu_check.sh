@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The GPU machine check: one call on a lent CUDA machine whose python already has torch, grpcio,
 # protobuf, transformers, safetensors, tokenizers and pytest (missing packages travel as wheels).
+# On the H200 image of 2026-11-30 these were missing or too old and went as cp312 wheels installed
+# with `pip install --no-deps --target /tmp/site` before the script: grpcio==1.85.1 (the generated
+# stubs check it), protobuf==7.36.2 (the generated modules need >= 7.35), grpcio-health-checking
+# and grpcio-reflection 1.85.1, platformdirs.
 #
 #   OUT=/tmp/gpu_out bash bench/gpu_check.sh
 #
