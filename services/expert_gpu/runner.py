@@ -17,7 +17,7 @@ remote attention of the other rows.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -142,6 +142,9 @@ class StepRunner:
             seq_lens=[len(s.token_ids) for s in seqs], block_tables=[s.block_ids for s in seqs],
             slots=torch.tensor(slots), emit_rows=torch.tensor(emit, dtype=torch.int64, device=dev))
         split = split_attention(batch)
+        # the row indices go to the device once per step, not in every layer
+        split = replace(split, fresh_rows=split.fresh_rows.to(dev),
+                        paged_rows=split.paged_rows.to(dev))
         return _Group(index=index, seqs=seqs, batch=batch, split=split,
                       plan=self._plan(seqs, slots),
                       rope=rope_tables(batch.positions, self.inv_freq, self.dtype))
@@ -187,13 +190,12 @@ class StepRunner:
         request = attention_pb2.LayerRequest(step_id=step_id, layer=layer, group=g.index)
         if layer == 0:
             request.plan.CopyFrom(g.plan)
-        paged = g.split.paged_rows.to(self.device)
         self.attention.send_layer(request, {"k": k.float(), "v": v.float(),
-                                            "q": q.index_select(0, paged).float()})
+                                            "q": q.index_select(0, g.split.paged_rows).float()})
         t2 = clock.now()
         g.attn = torch.empty_like(q)  # [T, Hq, D]
         if g.split.fresh_seq_lens:
-            rows = g.split.fresh_rows.to(self.device)
+            rows = g.split.fresh_rows
             g.attn[rows] = self.prefill_attention(q[rows], k[rows], v[rows],
                                                   g.split.fresh_seq_lens, self.scale)
         t3 = clock.now()
@@ -206,7 +208,7 @@ class StepRunner:
         response, out = self.attention.recv_out()
         waited = clock.now() - t0
         if g.split.paged_rows.numel():
-            g.attn[g.split.paged_rows.to(self.device)] = out.to(self.device, self.dtype)
+            g.attn[g.split.paged_rows] = out.to(self.device, self.dtype)
         clock.timings.attention_s += response.attention_s
         clock.timings.exchange_s += max(0.0, waited - response.attention_s)
         clock.timings.overlap_s += max(0.0, response.attention_s - waited)
