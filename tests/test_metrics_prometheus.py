@@ -29,6 +29,7 @@ NUM_REQUESTS = 6
 NUM_TOKENS = 48
 SCRAPE_INTERVAL = "250ms"  # the tiny model finishes a job in seconds: scrape often
 QUERY_DEADLINE_S = 20.0
+MIN_JOB_S = 2.0  # jobs repeat at least this long (8 scrapes), however fast the machine is
 
 CHECKS = {
     "every target up": 'count(up{job=~"coordinator|expert_gpu|attention_cpu"} == 1) == 3',
@@ -150,6 +151,17 @@ def run_job(address: str) -> None:
         thread.join()
 
 
+def run_jobs(address: str) -> None:
+    """run_job again and again for MIN_JOB_S: a counter's increase() needs two scrapes that
+    straddle its change, and a gauge like KV usage is non-zero only while a job runs (one job
+    can finish inside a single scrape interval on a fast machine)."""
+    deadline = time.monotonic() + MIN_JOB_S
+    while True:
+        run_job(address)
+        if time.monotonic() > deadline:
+            return
+
+
 def unanswered(prometheus: Prometheus, checks: dict[str, str]) -> list[str]:
     """Names of the checks whose query is still empty once the deadline passes.
 
@@ -173,7 +185,9 @@ def scraped(tiny_checkpoints, tmp_path_factory):
     try:
         prometheus.wait_ready()
         with running_services(tiny_checkpoints["mixtral"], metrics_port=metrics_base) as services:
-            run_job(services.coordinator_address)
+            # every target scraped once before the job, so counters are seen from their start
+            assert not unanswered(prometheus, {"up": CHECKS["every target up"]})
+            run_jobs(services.coordinator_address)
             yield prometheus
     finally:
         prometheus.stop()
