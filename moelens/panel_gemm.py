@@ -199,4 +199,15 @@ def resolve_mode(mode: str, device: str, dtype: torch.dtype) -> bool:
         if not is_supported():
             raise ValueError("panel GEMMs need a CPU with AVX2 and FMA and a C++ compiler")
         return True
-    return usable and torch.backends.cpu.get_cpu_capability() == "AVX2" and is_supported()
+    return usable and is_supported()
+
+
+def supported_isas() -> list[str]:
+    """The micro-kernels this CPU runs, best first: "avx512" (12 x 32 tiles), "avx2" (6 x 16)."""
+    return list(_extension().supported_isas()) if is_supported() else []
+
+
+def set_isa(name: str | None) -> str:
+    """Pin the micro-kernel ("avx512" or "avx2"; None: the best this CPU has, the default);
+    returns the one now in use. For tests and A/B runs."""
+    return _extension().set_isa(name or "")

@@ -27,6 +27,8 @@ class LaunchOptions:
     device: str = "auto"
     device_memory_gb: float | None = None
     dtype: str | None = None
+    cpu_gemm: str | None = None
+    """The expert service's CPU GEMMs: "auto", "panels" or "torch" (None: its default)."""
     expert_threads: int | None = None
     attention_threads: int | None = None
     token_budget: int | None = None
@@ -85,7 +87,8 @@ class LaunchOptions:
             flags += ["--attention", addresses["attention"], "--device", self.device,
                       "--transport", self.transport]
             flags += _optional(device_memory_gb=self.device_memory_gb, dtype=self.dtype,
-                               num_threads=self.expert_threads, max_num_tokens=self.token_budget)
+                               cpu_gemm=self.cpu_gemm, num_threads=self.expert_threads,
+                               max_num_tokens=self.token_budget)
         else:
             flags += ["--expert", addresses["expert"], "--attention", addresses["attention"]]
             flags += _optional(token_budget=self.token_budget, max_num_seqs=self.max_num_seqs,
@@ -115,6 +118,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device-memory-gb", type=float, default=None,
         help="accelerator budget for weights + workspace (default: all layers resident)")
     add("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    add("--cpu-gemm", choices=["auto", "panels", "torch"], default=None,
+        help="the expert service's CPU GEMMs: our packed-panel kernels or torch's F.linear "
+             "(default: auto, panels wherever they build)")
     add("--expert-threads", type=int, default=None, help="torch threads of the expert service")
     add("--attention-threads", type=int, default=None, help="attention kernel threads")
     add("--token-budget", type=int, default=None,
@@ -138,7 +144,7 @@ def options_from_args(args: argparse.Namespace, **overrides: object) -> LaunchOp
     values = dict(
         model=args.model, transport=args.transport, kv_cache_gb=args.kv_cache_gb,
         block_size=args.block_size, kv_dtype=args.kv_dtype, device=args.device,
-        device_memory_gb=args.device_memory_gb, dtype=args.dtype,
+        device_memory_gb=args.device_memory_gb, dtype=args.dtype, cpu_gemm=args.cpu_gemm,
         expert_threads=args.expert_threads, attention_threads=args.attention_threads,
         token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting, pipeline=args.pipeline,

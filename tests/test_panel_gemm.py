@@ -18,15 +18,25 @@ pytestmark = pytest.mark.skipif(not panel_gemm.is_supported(),
                                 reason="panel GEMM needs x86-64 with AVX2 and FMA")
 
 
+@pytest.fixture(params=panel_gemm.supported_isas())
+def isa(request):
+    """Each micro-kernel this CPU runs, pinned for the test."""
+    panel_gemm.set_isa(request.param)
+    yield request.param
+    panel_gemm.set_isa(None)
+
+
 def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
     return F.linear(x.double(), w.double(), None if bias is None else bias.double())
 
 
-# M around the 6-row micro-kernel and the 144-row block, N around the 16-column panel, K past
-# the 1024-deep reduction block (so partial sums are reloaded).
-@pytest.mark.parametrize("m", [1, 5, 6, 7, 143, 144, 145, 301])
-@pytest.mark.parametrize("n,k", [(16, 8), (17, 33), (100, 1024), (48, 1030), (40, 2051)])
-def test_matches_float64_linear(m, n, k):
+# M around the 6- and 12-row micro-kernels and the 144- and 576-row blocks, N around the
+# 16-column panel and 32-column pair, K past the 256- and 1024-deep reduction blocks (so partial
+# sums are carried over).
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 12, 13, 143, 144, 145, 301, 577])
+@pytest.mark.parametrize("n,k", [(16, 8), (17, 33), (48, 257), (100, 1024), (48, 1030),
+                                 (40, 2051)])
+def test_matches_float64_linear(m, n, k, isa):
     gen = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     bias = torch.randn(n, generator=gen)
@@ -37,7 +47,7 @@ def test_matches_float64_linear(m, n, k):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree(threads):
+def test_thread_counts_agree(threads, isa):
     gen = torch.Generator().manual_seed(threads)
     x, w = torch.randn(150, 300, generator=gen), torch.randn(250, 300, generator=gen)
     previous = torch.get_num_threads()
@@ -85,8 +95,7 @@ def test_resolve_mode():
     assert panel_gemm.resolve_mode("torch", "cpu", torch.float32) is False
     assert panel_gemm.resolve_mode("panels", "cpu", torch.float32) is True
     assert panel_gemm.resolve_mode("auto", "cpu", torch.bfloat16) is False
-    expected = torch.backends.cpu.get_cpu_capability() == "AVX2"
-    assert panel_gemm.resolve_mode("auto", "cpu", torch.float32) is expected
+    assert panel_gemm.resolve_mode("auto", "cpu", torch.float32) is True
     with pytest.raises(ValueError, match="cpu device and float32"):
         panel_gemm.resolve_mode("panels", "cpu", torch.float16)
     with pytest.raises(ValueError, match="must be one of"):
@@ -115,11 +124,11 @@ def test_gated_pack_round_trips():
         panel_gemm.swiglu(torch.randn(2, 5), panel_gemm.pack(w[0]))
 
 
-# I around the 8-column half panel, K past the 1024-deep block (partial sums parked and reloaded),
-# M past the 144-row block.
+# I around the 8-column half panel, K past the 256- and 1024-deep blocks (partial sums carried
+# over), M past the 144-row block.
 @pytest.mark.parametrize("m", [1, 7, 145])
 @pytest.mark.parametrize("inter,k", [(8, 16), (37, 64), (64, 1030), (21, 2051)])
-def test_swiglu_epilogue_matches_torch(m, inter, k):
+def test_swiglu_epilogue_matches_torch(m, inter, k, isa):
     gen = torch.Generator().manual_seed(m + 13 * inter + k)
     x = torch.randn(m, k, generator=gen)
     gate_up = torch.randn(2 * inter, k, generator=gen) * k ** -0.5  # [2I, K]
@@ -139,10 +148,12 @@ def test_swiglu_epilogue_saturates_like_torch():
     assert torch.allclose(got, F.silu(x) * x, rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("t,h,inter,e", [(70, 48, 40, 8), (9, 20, 1030, 4), (300, 1040, 24, 6)])
-def test_fused_grouped_experts_match_loop(t, h, inter, e):
+@pytest.mark.parametrize("t,h,inter,e", [(70, 48, 40, 8), (9, 20, 1030, 4), (300, 1040, 24, 6),
+                                         (300, 1024, 2048, 2)])
+def test_fused_grouped_experts_match_loop(t, h, inter, e, isa):
     """The fused MoE call (gather, SwiGLU epilogue, weighted scatter-add) against the per-token
-    loop on plain weights: ragged and empty experts, H off the panel width, I or H past KC."""
+    loop on plain weights: ragged and empty experts, H off the panel width, I or H past KC, and
+    more rows per expert than one packed block of x holds (for both depths, H and I)."""
     gen = torch.Generator().manual_seed(t + h + inter)
     x = torch.randn(t, h, generator=gen)
     gate_up = torch.randn(e, 2 * inter, h, generator=gen) * h ** -0.5

@@ -29,7 +29,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "micro_kernel.h"
@@ -46,14 +48,35 @@ using namespace moelens::panel;
 constexpr int KC = 1024;  // reduction depth per block
 constexpr int MC = 144;   // rows of x per block (24 micro-panels)
 
-// Rows [m0, m0 + mc) x columns [k0, k0 + kc) of x as micro-panels [ceil(mc / 6)][kc][6], rows
-// past mc zero. Micro-panels are shared out over the calling team.
-void pack_x(const Rows& x, int64_t m0, int mc, int64_t k0, int kc, float* out) {
-  const int panels = (mc + MR - 1) / MR;
+constexpr int KC_ZMM = 128;  // the AVX-512 kernel's slice depth: [256][32] W is 32 KiB (L1)
+constexpr int MC_ZMM = 576;  // at most this many rows of x per block
+constexpr int64_t XPACK_BYTES_ZMM = 1 << 20;  // a packed x block [rows][K] within L2
+constexpr int ZMM_MIN_ROWS_PER_THREAD = 96;  // from here on threads split the rows, not panels
+
+// Rows of x per AVX-512 block: a multiple of 12 whose [rows][K] block fits XPACK_BYTES_ZMM.
+int zmm_block_rows(int64_t K) {
+  const int64_t rows = XPACK_BYTES_ZMM / (4 * std::max<int64_t>(K, 1)) / MR_ZMM * MR_ZMM;
+  return int(std::clamp<int64_t>(rows, MR_ZMM, MC_ZMM));
+}
+
+// The micro-kernel the GEMMs run: the widest this CPU has, unless pinned (tests, A/B).
+enum class Isa : int { kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() { return cpu_supports_avx512() ? Isa::kAvx512 : Isa::kAvx2; }
+
+Isa& isa_in_use() {
+  static Isa isa = best_isa();
+  return isa;
+}
+
+// Rows [m0, m0 + mc) x columns [k0, k0 + kc) of x as micro-panels [ceil(mc / width)][kc][width],
+// rows past mc zero. Micro-panels are shared out over the calling team.
+void pack_x(const Rows& x, int64_t m0, int mc, int64_t k0, int kc, float* out, int width) {
+  const int panels = (mc + width - 1) / width;
 #pragma omp for schedule(static)
   for (int mp = 0; mp < panels; ++mp)
-    pack_micro_panel(x, m0 + mp * MR, std::min(MR, mc - mp * MR), k0, kc,
-                     out + int64_t(mp) * kc * MR);
+    pack_micro_panel(x, m0 + mp * width, std::min(width, mc - mp * width), k0, kc,
+                     out + int64_t(mp) * kc * width, width);
 }
 
 #if MOELENS_PANEL_X86
@@ -115,12 +138,117 @@ struct ScatterAddOut {
 
 #endif
 
+#if MOELENS_PANEL_X86
+// One AVX-512 micro-tile of `rows` rows and np panels, on the kernel padded to 4, 8 or 12 rows.
+template <class Out>
+MOELENS_AVX512 void zmm_tile(const float* a, const float* b, int64_t b_stride, int kc,
+                             const Out& out, const Tile& where, int rows, int np,
+                             const Prefetch2& pf, float* sums) {
+  switch ((rows + 3) / 4 * 2 + np - 1) {
+    case 2: micro_kernel_zmm<4, 1>(a, b, b_stride, kc, out, where, rows, pf, sums); break;
+    case 3: micro_kernel_zmm<4, 2>(a, b, b_stride, kc, out, where, rows, pf, sums); break;
+    case 4: micro_kernel_zmm<8, 1>(a, b, b_stride, kc, out, where, rows, pf, sums); break;
+    case 5: micro_kernel_zmm<8, 2>(a, b, b_stride, kc, out, where, rows, pf, sums); break;
+    case 6: micro_kernel_zmm<12, 1>(a, b, b_stride, kc, out, where, rows, pf, sums); break;
+    default: micro_kernel_zmm<12, 2>(a, b, b_stride, kc, out, where, rows, pf, sums); break;
+  }
+}
+
+// A W slice [kc][16] of one or two panels, and the lines of it still to prefetch.
+struct Slice {
+  const float* at;  // nullptr: none
+  int np;
+  int kc;
+};
+
+// The AVX-512 kernel over one packed block of x (rows [m0, m0 + mc), the whole depth K) and
+// panels [p0, p1): pairs of panels one after another and, per pair, the KC blocks in order,
+// every micro-panel of x on one KC-deep slice of the pair (L1-resident) before the next slice.
+// The partial sums of the pair's tiles wait in `sums` between slices, so each output is written
+// once, whole, by its epilogue. The next slice in this order is prefetched to L2 meanwhile.
+template <class Out>
+MOELENS_AVX512 void zmm_block(const float* xpack, int64_t m0, int mc, const float* wp,
+                              int64_t p0, int64_t p1, int64_t K, const Out& out, float* sums) {
+  auto slice = [&](int64_t p, int64_t k0) -> Slice {
+    if (p >= p1) return {nullptr, 0, 0};
+    return {wp + (p * K + k0) * NR, int(std::min<int64_t>(2, p1 - p)),
+            int(std::min<int64_t>(KC_ZMM, K - k0))};
+  };
+  const int micro_panels = (mc + MR_ZMM - 1) / MR_ZMM;
+  for (int64_t p = p0; p < p1; p += 2) {
+    for (int64_t k0 = 0; k0 < K; k0 += KC_ZMM) {
+      const Slice now = slice(p, k0);
+      const Slice next = k0 + KC_ZMM < K ? slice(p, k0 + KC_ZMM) : slice(p + 2, 0);
+      const int chunk = (next.kc + micro_panels - 1) / micro_panels;  // lines per micro-tile
+      for (int mp = 0; mp < micro_panels; ++mp) {
+        const Tile where{{}, {}, m0 + mp * MR_ZMM, mp * MR_ZMM, p, k0 == 0, k0 + now.kc == K};
+        const int first = std::min(next.kc, mp * chunk);
+        const Prefetch2 pf{next.at ? next.at + int64_t(first) * NR : now.at,
+                           next.np == 2 ? K * NR : 0,
+                           next.at ? std::min(chunk, next.kc - first) : 0};
+        zmm_tile(xpack + (int64_t(mp) * K + k0) * MR_ZMM, now.at, K * NR, now.kc, out, where,
+                 std::min(MR_ZMM, mc - mp * MR_ZMM), now.np, pf,
+                 sums + int64_t(mp) * MR_ZMM * 2 * NR);
+      }
+    }
+  }
+}
+
+// run() on the AVX-512 kernel. x is packed per block of rows over the whole depth K (a block
+// stays in L2). With rows enough for a block per thread, the threads split the rows, each
+// packing its own blocks and running them against every panel (no barrier; each streams W,
+// mostly from the L3). Otherwise (a decode step's tens of rows per expert) they split the panels
+// and share each packed block.
+template <class Out>
+void run_zmm(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const Out& out,
+             float* xpack, int num_threads) {
+  const int mcb = zmm_block_rows(K);
+  const bool by_rows = M >= int64_t(num_threads) * ZMM_MIN_ROWS_PER_THREAD;
+  // by rows: equal blocks, a whole number per thread
+  const int64_t per_thread = (M + int64_t(num_threads) * mcb - 1) / (int64_t(num_threads) * mcb);
+  const int64_t num_blocks = by_rows ? per_thread * num_threads : (M + mcb - 1) / mcb;
+  const int block = int((M + num_blocks - 1) / num_blocks + MR_ZMM - 1) / MR_ZMM * MR_ZMM;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> sums(size_t((block + MR_ZMM - 1) / MR_ZMM) * MR_ZMM * 2 * NR);
+    if (by_rows) {
+      std::vector<float> own(size_t(block) * K);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t m0 = b * block;
+        const int mc = int(std::min<int64_t>(block, M - m0));
+        if (mc <= 0) continue;
+        for (int mp = 0; mp * MR_ZMM < mc; ++mp)
+          pack_micro_panel(x, m0 + mp * MR_ZMM, std::min(MR_ZMM, mc - mp * MR_ZMM), 0, int(K),
+                           own.data() + int64_t(mp) * K * MR_ZMM, MR_ZMM);
+        zmm_block(own.data(), m0, mc, wp, 0, P, K, out, sums.data());
+      }
+    } else {
+      const int team = omp_get_num_threads(), me = omp_get_thread_num();
+      const int64_t pairs = (P + 1) / 2;
+      const int64_t p0 = 2 * (pairs * me / team);
+      const int64_t p1 = std::min(P, 2 * (pairs * (me + 1) / team));
+      for (int64_t m0 = 0; m0 < M; m0 += block) {
+        const int mc = int(std::min<int64_t>(block, M - m0));
+        pack_x(x, m0, mc, 0, int(K), xpack, MR_ZMM);  // ends with the team's barrier
+        zmm_block(xpack, m0, mc, wp, p0, p1, K, out, sums.data());
+#pragma omp barrier  // everyone is done with xpack before it is repacked
+      }
+    }
+  }
+}
+#endif
+
 // x[M, K] (gathered through `x.index`) times the panels wp[P, K, 16], each finished tile handed
-// to `out`. `xpack` holds one packed MC x KC block.
+// to `out`. `xpack` holds one packed MC x KC block (pack_buffer).
 template <class Out>
 void run(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const Out& out,
          float* xpack, int num_threads) {
 #if MOELENS_PANEL_X86
+  if (isa_in_use() == Isa::kAvx512) {
+    run_zmm(x, wp, M, P, K, out, xpack, num_threads);
+    return;
+  }
 #pragma omp parallel num_threads(num_threads)
   {
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
@@ -129,7 +257,7 @@ void run(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const 
       const int mc = int(std::min<int64_t>(MC, M - m0));
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int kc = int(std::min<int64_t>(KC, K - k0));
-        pack_x(x, m0, mc, k0, kc, xpack);  // ends with the team's barrier
+        pack_x(x, m0, mc, k0, kc, xpack, MR);  // ends with the team's barrier
         const int micro_panels = (mc + MR - 1) / MR;
         // The micro-kernels of panel p share out the prefetch of this thread's panel p + 1.
         const int chunk = (kc + micro_panels - 1) / micro_panels;
@@ -154,10 +282,44 @@ void run(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const 
 #endif
 }
 
-// Scratch for one packed MC x KC block of x.
-std::vector<float> pack_buffer(int64_t M, int64_t K) {
+// Floats of one packed block of x for an [M, K] operand: MC x KC (AVX2), or rows x K (AVX-512).
+int64_t pack_floats(int64_t M, int64_t K) {
+  if (isa_in_use() == Isa::kAvx512) {
+    const int64_t mc = std::min<int64_t>(zmm_block_rows(K), M);
+    return (mc + MR_ZMM - 1) / MR_ZMM * MR_ZMM * K;
+  }
   const int64_t mc = std::min<int64_t>(MC, M), kc = std::min<int64_t>(KC, K);
-  return std::vector<float>(size_t((mc + MR - 1) / MR * MR * kc));
+  return (mc + MR - 1) / MR * MR * kc;
+}
+
+// Scratch for the packed blocks of x of [M, K] operands, for each K in `depths`.
+std::vector<float> pack_buffer(int64_t M, std::initializer_list<int64_t> depths) {
+  int64_t floats = 0;
+  for (const int64_t K : depths) floats = std::max(floats, pack_floats(M, K));
+  return std::vector<float>(size_t(floats));
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  if (cpu_supports_avx512()) names.push_back("avx512");
+  if (cpu_supported()) names.push_back("avx2");
+  return names;
+}
+
+// Pins the micro-kernel ("avx512", "avx2") or restores the best (""); returns the one in use.
+std::string set_isa(const std::string& name) {
+  if (name == "avx512") {
+    TORCH_CHECK_VALUE(cpu_supports_avx512(), "panel GEMM: this CPU has no AVX-512");
+    isa_in_use() = Isa::kAvx512;
+  } else if (name == "avx2") {
+    TORCH_CHECK_VALUE(cpu_supported(), "panel GEMM: this CPU has no AVX2 and FMA");
+    isa_in_use() = Isa::kAvx2;
+  } else {
+    TORCH_CHECK_VALUE(name.empty(), "panel GEMM: unknown ISA '", name,
+                      "', choose avx512, avx2 or '' (the best)");
+    isa_in_use() = best_isa();
+  }
+  return isa_in_use() == Isa::kAvx512 ? "avx512" : "avx2";
 }
 
 void check_cpu() {
@@ -204,7 +366,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t ou
   if (x.size(1) == 0) return y.zero_();
   {
     pybind11::gil_scoped_release no_gil;
-    auto xpack = pack_buffer(x.size(0), x.size(1));
+    auto xpack = pack_buffer(x.size(0), {x.size(1)});
 #if MOELENS_PANEL_X86
     run(Rows{xc.data_ptr<float>(), xc.stride(0), nullptr}, wc.data_ptr<float>(), x.size(0),
         wc.size(0), x.size(1), StoreOut{y.data_ptr<float>(), out_features}, xpack.data(),
@@ -218,8 +380,9 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t ou
 // silu(x · gate^T) * (x · up^T) for rows x.row(0..M) and a gated weight wp [P, K, 16]: h [M, I].
 void swiglu_rows(const Rows& x, int64_t M, int64_t K, const float* wp, int64_t P, int64_t inter,
                  float* h, float* xpack, std::vector<float>& partial, int num_threads) {
-  if (K > KC) partial.resize(size_t(std::min<int64_t>(MC, M) * P * NR));
-  run(x, wp, M, P, K, SwiGluOut{h, inter, K > KC ? partial.data() : nullptr, P * NR}, xpack,
+  const bool split = isa_in_use() == Isa::kAvx2 && K > KC;  // the AVX2 kernel's KC blocks
+  if (split) partial.resize(size_t(std::min<int64_t>(MC, M) * P * NR));
+  run(x, wp, M, P, K, SwiGluOut{h, inter, split ? partial.data() : nullptr, P * NR}, xpack,
       num_threads);
 }
 #endif
@@ -237,7 +400,7 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t in
   if (x.size(0) == 0) return h;
   {
     pybind11::gil_scoped_release no_gil;
-    auto xpack = pack_buffer(x.size(0), x.size(1));
+    auto xpack = pack_buffer(x.size(0), {x.size(1)});
     std::vector<float> partial;
 #if MOELENS_PANEL_X86
     swiglu_rows(Rows{xc.data_ptr<float>(), xc.stride(0), nullptr}, x.size(0), x.size(1),
@@ -289,7 +452,7 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& pair_t
   if (R == 0) return out;
   {
     pybind11::gil_scoped_release no_gil;
-    auto xpack = pack_buffer(widest, std::max(H, inter));
+    auto xpack = pack_buffer(widest, {H, inter});
     std::unique_ptr<float[]> h(new float[size_t(widest * inter)]);  // [rows, I], not zeroed
     std::vector<float> partial;
 #if MOELENS_PANEL_X86
@@ -321,4 +484,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_logsumexp", &moelens::argmax_logsumexp,
         "each row's first argmax and logsumexp (row_stats.cpp)");
   m.def("supported", &cpu_supported, "this CPU has AVX2 and FMA");
+  m.def("set_isa", &set_isa, "pin the micro-kernel: avx512, avx2, or '' for the best");
+  m.def("supported_isas", &supported_isas, "micro-kernels this CPU runs, best first");
 }
