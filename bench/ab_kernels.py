@@ -94,6 +94,19 @@ def ab_panel(exts: list[ModuleType], args: argparse.Namespace) -> None:
             for label, t in zip(("base", "current"), times)))
 
 
+def k_for_build(ext: ModuleType, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K [N, Hkv, B, D] in the layout `ext` reads: transposed per block ([N, Hkv, D, B], since
+    the tokens-in-lanes kernel) or as is (builds before it refuse a transposed pool)."""
+    kt = k.transpose(-1, -2).contiguous()
+    probe = (torch.zeros(1, k.shape[1], k.shape[3]), torch.zeros(1, 1, dtype=torch.int32),
+             torch.ones(1, dtype=torch.int32), 1.0, 1, 0)
+    try:
+        ext.paged_attention(probe[0], kt[:1], v[:1], *probe[1:])
+        return kt
+    except ValueError:
+        return k
+
+
 def ab_attention(exts: list[ModuleType], args: argparse.Namespace) -> None:
     kv_heads, head_dim, block = 8, 128, 16
     gen = torch.Generator().manual_seed(0)
@@ -107,11 +120,12 @@ def ab_attention(exts: list[ModuleType], args: argparse.Namespace) -> None:
             tables = torch.randperm(blocks, generator=gen, dtype=torch.int32).view(batch, -1)
             lens = torch.full((batch,), ctx, dtype=torch.int32)
             q = torch.randn(batch, kv_heads * int(group), head_dim, generator=gen)
-            avx2 = attention_kernel.ISA_CODES["avx2"]
+            isa = attention_kernel.ISA_CODES[args.isa or attention_kernel.available_backends()[0]]
+            k_of = [k_for_build(ext, k, v) for ext in exts]
 
             def call(i: int) -> torch.Tensor:
-                return exts[i].paged_attention(q, k, v, tables, lens, head_dim ** -0.5,
-                                               args.threads, avx2)
+                return exts[i].paged_attention(q, k_of[i], v, tables, lens, head_dim ** -0.5,
+                                               args.threads, isa)
 
             tol = 1e-5 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(call(0), call(1), atol=tol, rtol=0)
@@ -131,6 +145,8 @@ def main() -> None:
     parser.add_argument("--configs", default="8192x8:8,2048x16:8,8192x1:8",
                         help="attention: CTXxBATCH:GQA, comma-separated")
     parser.add_argument("--dtypes", default="float32", help="attention: KV dtypes")
+    parser.add_argument("--isa", choices=["avx512", "avx2", "scalar"], default=None,
+                        help="attention: kernel ISA (default: the best this CPU runs)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -2,11 +2,14 @@
 
 Layout (one pool per layer, K and V separate):
 
-    k_pool, v_pool: [num_blocks, num_kv_heads, block_size, head_dim]
+    k_pool: [num_blocks, num_kv_heads, head_dim, block_size]   (K transposed within a block)
+    v_pool: [num_blocks, num_kv_heads, block_size, head_dim]
 
-A token's *slot* is `block_id * block_size + offset`. Within a block the `block_size` rows of one
-KV head are contiguous, so a decode kernel reads each (block, kv head) as one contiguous run of
-`block_size * head_dim` elements and uses it for every query head of that GQA group.
+A token's *slot* is `block_id * block_size + offset`. Each (block, kv head) is one contiguous run
+of `block_size * head_dim` elements, read once by a decode kernel for every query head of that
+GQA group. K is stored transposed so that the run's tokens are contiguous along each head-dim
+row: a vector of scores of one head (one token per lane) is then a sum of K rows times
+broadcast q elements, with no horizontal sums (services/attention_cpu/csrc).
 
 Block ownership (which blocks a sequence holds) belongs to the coordinator's block manager; this
 module only has the data structure and the pure index arithmetic both sides agree on.
@@ -21,7 +24,8 @@ import torch
 
 @dataclass
 class KVPool:
-    """K and V storage for all layers: [num_layers, num_blocks, num_kv_heads, block_size, head_dim]."""
+    """K and V storage for all layers: k [num_layers, num_blocks, num_kv_heads, head_dim,
+    block_size], v [num_layers, num_blocks, num_kv_heads, block_size, head_dim]."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -29,19 +33,27 @@ class KVPool:
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
                  head_dim: int, dtype: torch.dtype = torch.float32) -> "KVPool":
-        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
-        return cls(k=torch.zeros(shape, dtype=dtype), v=torch.zeros(shape, dtype=dtype))
+        k_shape, v_shape = pool_shapes(num_blocks, num_kv_heads, block_size, head_dim)
+        return cls(k=torch.zeros((num_layers, *k_shape), dtype=dtype),
+                   v=torch.zeros((num_layers, *v_shape), dtype=dtype))
 
     @property
     def num_blocks(self) -> int:
-        return self.k.shape[1]
+        return self.v.shape[1]
 
     @property
     def block_size(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[3]
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer], self.v[layer]
+
+
+def pool_shapes(num_blocks: int, num_kv_heads: int, block_size: int,
+                head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One layer's (k_pool, v_pool) shapes: [N, Hkv, D, B] and [N, Hkv, B, D]."""
+    return ((num_blocks, num_kv_heads, head_dim, block_size),
+            (num_blocks, num_kv_heads, block_size, head_dim))
 
 
 def num_blocks_for_bytes(num_bytes: int, num_layers: int, num_kv_heads: int, block_size: int,

@@ -31,6 +31,7 @@ import torch
 
 from moelens import panel_gemm
 from moelens.config import ModelConfig
+from moelens.kv_cache import pool_shapes
 from moelens.model.attention import paged_attention
 from moelens.model.moe import swiglu
 from moelens.panel_gemm import PanelWeight, linear
@@ -198,9 +199,10 @@ def measure_attention_bandwidth(cfg: ModelConfig, kernel: AttentionKernel | None
     elem = torch.finfo(dtype).bits // 8
     num_seqs = max(1, pool_bytes // (2 * context_len * cfg.kv_size * elem))
     blocks_per_seq = -(-context_len // block_size)
-    pool_shape = (num_seqs * blocks_per_seq, cfg.num_kv_heads, block_size, cfg.head_dim)
-    k_pool = torch.empty(pool_shape, dtype=dtype).uniform_(-1, 1)  # [N, Hkv, B, D]
-    v_pool = torch.empty(pool_shape, dtype=dtype).uniform_(-1, 1)
+    k_shape, v_shape = pool_shapes(num_seqs * blocks_per_seq, cfg.num_kv_heads, block_size,
+                                   cfg.head_dim)
+    k_pool = torch.empty(k_shape, dtype=dtype).uniform_(-1, 1)  # [N, Hkv, D, B]
+    v_pool = torch.empty(v_shape, dtype=dtype).uniform_(-1, 1)  # [N, Hkv, B, D]
     q = torch.empty(num_seqs, cfg.num_heads, cfg.head_dim, dtype=dtype).uniform_(-1, 1)
     tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, -1)
     lens = torch.full((num_seqs,), context_len, dtype=torch.int32)

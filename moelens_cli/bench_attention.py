@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moelens.kv_cache import pool_shapes
 from moelens.model import attention as reference
 from services.attention_cpu import kernel
 
@@ -93,9 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _make_inputs(case: Case, copies: int) -> tuple[torch.Tensor, ...]:
     rows_blocks = case.batch * case.blocks_per_row
-    shape = (rows_blocks * copies, NUM_KV_HEADS, BLOCK_SIZE, case.head_dim)
-    k_pool = torch.randn(shape, dtype=torch.float32).to(case.dtype)  # [N, Hkv, B, D]
-    v_pool = torch.randn(shape, dtype=torch.float32).to(case.dtype)
+    k_shape, v_shape = pool_shapes(rows_blocks * copies, NUM_KV_HEADS, BLOCK_SIZE, case.head_dim)
+    k_pool = torch.randn(k_shape, dtype=torch.float32).to(case.dtype)  # [N, Hkv, D, B]
+    v_pool = torch.randn(v_shape, dtype=torch.float32).to(case.dtype)  # [N, Hkv, B, D]
     q = torch.randn(case.batch, NUM_KV_HEADS * case.gqa, case.head_dim)  # [R, Hq, D]
     # Blocks scattered at random within each copy, as a block manager hands them out.
     tables = [(torch.randperm(rows_blocks) + c * rows_blocks).view(case.batch, -1).int()

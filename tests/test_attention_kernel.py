@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from moelens import native
+from moelens.kv_cache import pool_shapes
 from moelens.model import attention as reference
 from services.attention_cpu import kernel
 
 NATIVE = [b for b in kernel.available_backends() if b != "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
-# (block_size, num_kv_heads, gqa group, head_dim): 100 and 36 leave vector tails on every ISA;
-# groups 8 and 16 take the heads-in-lanes path on AVX2 (16 also on AVX-512).
+# (block_size, num_kv_heads, gqa group, head_dim): blocks of 8 fill half an AVX-512 vector and
+# 32 two; 5 and 13 fill no vector evenly; head_dim 100 and 36 are not multiples of the d-split;
+# groups 1..16 take every head-tile width (16 is two tiles of 8).
 SHAPES = [(16, 2, 1, 64), (8, 1, 4, 128), (32, 2, 8, 80), (16, 2, 4, 96), (8, 2, 3, 100),
-          (16, 1, 5, 36), (8, 2, 8, 36), (16, 1, 16, 128)]
+          (16, 1, 5, 36), (8, 2, 8, 36), (16, 1, 16, 128), (5, 2, 2, 64), (13, 1, 7, 36)]
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +32,12 @@ def restore_backend():
 
 def sdpa_on_gathered(q, k_pool, v_pool, tables, lens, scale):
     """Ground truth: gather each row's tokens by slot, then torch SDPA with GQA."""
-    block_size = k_pool.shape[2]
+    block_size = v_pool.shape[2]
     out = torch.empty_like(q)
     for r in range(q.shape[0]):
         pos = torch.arange(int(lens[r]))
         blocks = tables[r, pos // block_size].long()
-        k = k_pool[blocks, :, pos % block_size].float().transpose(0, 1)  # [Hkv, L, D]
+        k = k_pool[blocks, :, :, pos % block_size].float().transpose(0, 1)  # [Hkv, L, D]
         v = v_pool[blocks, :, pos % block_size].float().transpose(0, 1)
         out[r] = F.scaled_dot_product_attention(q[r, :, None], k, v, scale=scale,
                                                 enable_gqa=True)[:, 0]
@@ -47,9 +49,9 @@ def make_case(lens, block_size, num_kv_heads, group, head_dim, dtype, spare_colu
     gen = torch.Generator().manual_seed(seed)
     needed = [-(-n // block_size) for n in lens]
     num_blocks = sum(needed) + 3
-    shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    k_pool = torch.randn(shape, generator=gen).to(dtype)
-    v_pool = torch.randn(shape, generator=gen).to(dtype)
+    k_shape, v_shape = pool_shapes(num_blocks, num_kv_heads, block_size, head_dim)
+    k_pool = torch.randn(k_shape, generator=gen).to(dtype)  # [N, Hkv, D, B]
+    v_pool = torch.randn(v_shape, generator=gen).to(dtype)  # [N, Hkv, B, D]
     q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=gen)
     perm = torch.randperm(num_blocks, generator=gen)
     tables = torch.full((len(lens), max(needed) + spare_columns), -1, dtype=torch.int32)
@@ -124,8 +126,8 @@ def test_matches_torch_reference_module():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_store_kv_matches_reference(backend, dtype):
     kernel.force_backend(backend)
-    shape = (6, 2, 8, 80)
-    k_pool, v_pool = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    k_shape, v_shape = pool_shapes(6, 2, 8, 80)
+    k_pool, v_pool = torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)
     k_ref, v_ref = k_pool.clone(), v_pool.clone()
     k, v = torch.randn(10, 2, 80), torch.randn(10, 2, 80)
     slots = torch.randperm(48)[:10]
@@ -157,6 +159,7 @@ def _bad_attention_inputs():
         "negative context": ((q, k_pool, v_pool, tables, torch.tensor([20, -4]).int()),
                              "positive"),
         "k/v dtype mismatch": ((q, k_pool, v_pool.half(), tables, lens), "dtype"),
+        "k pool not transposed": ((q, v_pool, v_pool, tables, lens), "same blocks"),
         "q rank": ((q[0], k_pool, v_pool, tables, lens), "q must be"),
         "pool rank": ((q, k_pool[0], v_pool[0], tables, lens), "k_pool must be"),
         "heads not a multiple": ((q[:, :3], k_pool, v_pool, tables, lens), "multiple"),
@@ -173,8 +176,7 @@ def test_attention_rejects_bad_inputs(name):
 
 @pytest.mark.parametrize("slot", [-1, 48])
 def test_store_kv_rejects_slot_outside_pool(slot):
-    shape = (6, 2, 8, 16)
-    k_pool, v_pool = torch.zeros(shape), torch.zeros(shape)
+    k_pool, v_pool = (torch.zeros(shape) for shape in pool_shapes(6, 2, 8, 16))
     slots = torch.tensor([3, slot])
     with pytest.raises(ValueError, match="outside the pool"):
         kernel.store_kv(k_pool, v_pool, torch.ones(2, 2, 16), torch.ones(2, 2, 16), slots)
@@ -182,12 +184,15 @@ def test_store_kv_rejects_slot_outside_pool(slot):
 
 
 def test_store_kv_rejects_mismatched_shapes():
-    k_pool = torch.zeros(6, 2, 8, 16)
+    k_pool, v_pool = (torch.zeros(shape) for shape in pool_shapes(6, 2, 8, 16))
     with pytest.raises(ValueError, match="num_kv_heads"):
-        kernel.store_kv(k_pool, k_pool.clone(), torch.ones(2, 3, 16), torch.ones(2, 3, 16),
+        kernel.store_kv(k_pool, v_pool, torch.ones(2, 3, 16), torch.ones(2, 3, 16),
                         torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="dtype"):
-        kernel.store_kv(k_pool, k_pool.half(), torch.ones(2, 2, 16), torch.ones(2, 2, 16),
+        kernel.store_kv(k_pool, v_pool.half(), torch.ones(2, 2, 16), torch.ones(2, 2, 16),
+                        torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="same blocks"):
+        kernel.store_kv(v_pool, v_pool.clone(), torch.ones(2, 2, 16), torch.ones(2, 2, 16),
                         torch.tensor([0, 1]))
 
 

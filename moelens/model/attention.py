@@ -17,21 +17,23 @@ def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
              slots: torch.Tensor) -> None:
     """Write new K/V rows at their slots.
 
-    k_pool, v_pool: [N, Hkv, B, D]; k, v: [T, Hkv, D]; slots: [T] int64 (block * B + offset).
+    k_pool: [N, Hkv, D, B]; v_pool: [N, Hkv, B, D] (moelens.kv_cache); k, v: [T, Hkv, D];
+    slots: [T] int64 (block * B + offset).
     """
-    block_size = k_pool.shape[2]
+    block_size = v_pool.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
-    k_pool[blocks, :, offsets] = k.to(k_pool.dtype)
+    k_pool[blocks, :, :, offsets] = k.to(k_pool.dtype)
     v_pool[blocks, :, offsets] = v.to(v_pool.dtype)
 
 
-def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached rows of one sequence: [Hkv, length, D]."""
-    block_size = pool.shape[2]
-    num_blocks = -(-length // block_size)
-    blocks = pool[block_table[:num_blocks].long()]  # [nb, Hkv, B, D]
-    rows = blocks.permute(1, 0, 2, 3).reshape(pool.shape[1], num_blocks * block_size, -1)
-    return rows[:, :length]
+def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` cached tokens of one sequence: K and V, [Hkv, length, D] each."""
+    num_kv_heads, block_size = v_pool.shape[1], v_pool.shape[2]
+    table = block_table[:-(-length // block_size)].long()
+    k = k_pool[table].permute(1, 0, 3, 2)  # [Hkv, nb, B, D]
+    v = v_pool[table].permute(1, 0, 2, 3)
+    return tuple(x.reshape(num_kv_heads, -1, x.shape[-1])[:, :length] for x in (k, v))
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -39,16 +41,15 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """Each query row attends to the first `context_lens[r]` cached tokens of its sequence.
 
-    q: [R, Hq, D]; k_pool, v_pool: [N, Hkv, B, D]; block_tables: [R, max_blocks] int32;
-    context_lens: [R] int32. Returns [R, Hq, D] in q's dtype.
+    q: [R, Hq, D]; k_pool [N, Hkv, D, B], v_pool [N, Hkv, B, D]; block_tables: [R, max_blocks]
+    int32; context_lens: [R] int32. Returns [R, Hq, D] in q's dtype.
     """
     num_rows, num_heads, _ = q.shape
-    group = num_heads // k_pool.shape[1]
+    group = num_heads // v_pool.shape[1]
     out = torch.empty_like(q)
     for r in range(num_rows):
-        length = int(context_lens[r])
-        k = gather_kv(k_pool, block_tables[r], length).to(q.dtype)  # [Hkv, L, D]
-        v = gather_kv(v_pool, block_tables[r], length).to(q.dtype)
+        k, v = gather_kv(k_pool, v_pool, block_tables[r], int(context_lens[r]))  # [Hkv, L, D]
+        k, v = k.to(q.dtype), v.to(q.dtype)
         k = k.repeat_interleave(group, dim=0)  # [Hq, L, D]
         v = v.repeat_interleave(group, dim=0)
         out[r] = F.scaled_dot_product_attention(q[r, :, None], k, v, scale=scale)[:, 0]

@@ -92,19 +92,19 @@ def get_num_threads() -> int:
     return _settings.num_threads or torch.get_num_threads()
 
 
-def _check_reference_inputs(k_pool: torch.Tensor, block_tables: torch.Tensor,
+def _check_reference_inputs(v_pool: torch.Tensor, block_tables: torch.Tensor,
                             context_lens: torch.Tensor) -> None:
     """The native kernel's row checks, for the torch fallback (which would index silently)."""
     if bool((context_lens <= 0).any()):
         raise ValueError("context_lens must all be positive")
-    needed = (context_lens.long() + k_pool.shape[2] - 1) // k_pool.shape[2]  # [R]
+    needed = (context_lens.long() + v_pool.shape[2] - 1) // v_pool.shape[2]  # [R]
     if int(needed.max()) > block_tables.shape[1]:
         raise ValueError(f"block_tables has {block_tables.shape[1]} columns but a row needs "
                          f"{int(needed.max())} blocks")
     used = torch.arange(block_tables.shape[1])[None, :] < needed[:, None]  # [R, max_blocks]
     blocks = block_tables[used]
-    if bool(((blocks < 0) | (blocks >= k_pool.shape[0])).any()):
-        raise ValueError(f"block_tables holds an entry outside [0, {k_pool.shape[0]}) "
+    if bool(((blocks < 0) | (blocks >= v_pool.shape[0])).any()):
+        raise ValueError(f"block_tables holds an entry outside [0, {v_pool.shape[0]}) "
                          "where a block is needed")
 
 
@@ -113,13 +113,14 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     num_threads: int | None = None) -> torch.Tensor:
     """Each query row attends to the first `context_lens[r]` cached tokens of its block table.
 
-    q: [R, Hq, D] fp32; k_pool, v_pool: [N, Hkv, B, D] fp32/fp16/bf16; block_tables:
-    [R, max_blocks] int32 (entries past the needed blocks are ignored, e.g. -1); context_lens:
-    [R] int32, all > 0. Returns [R, Hq, D] fp32. Bad inputs raise ValueError.
+    q: [R, Hq, D] fp32; k_pool [N, Hkv, D, B], v_pool [N, Hkv, B, D] (moelens.kv_cache),
+    fp32/fp16/bf16; block_tables: [R, max_blocks] int32 (entries past the needed blocks are
+    ignored, e.g. -1); context_lens: [R] int32, all > 0. Returns [R, Hq, D] fp32. Bad inputs
+    raise ValueError.
     """
     name = backend()
     if name == "torch":
-        _check_reference_inputs(k_pool, block_tables, context_lens)
+        _check_reference_inputs(v_pool, block_tables, context_lens)
         return reference.paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
     return _extension().paged_attention(q, k_pool, v_pool, block_tables, context_lens,
                                         float(scale), num_threads or get_num_threads(),
@@ -130,11 +131,12 @@ def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
              slots: torch.Tensor) -> None:
     """Write new K/V rows at their slots, converted to the pool dtype.
 
-    k_pool, v_pool: [N, Hkv, B, D]; k, v: [T, Hkv, D]; slots: [T] int64 (block * B + offset).
+    k_pool [N, Hkv, D, B], v_pool [N, Hkv, B, D]; k, v: [T, Hkv, D]; slots: [T] int64
+    (block * B + offset).
     """
     ext = _extension()
     if ext is None or backend() == "torch":
-        if bool(((slots < 0) | (slots >= k_pool.shape[0] * k_pool.shape[2])).any()):
+        if bool(((slots < 0) | (slots >= v_pool.shape[0] * v_pool.shape[2])).any()):
             raise ValueError("a slot is outside the pool")
         reference.store_kv(k_pool, v_pool, k, v, slots)
         return

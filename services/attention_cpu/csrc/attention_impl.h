@@ -5,11 +5,12 @@
 //
 // Algorithm for one work item (a query row, a token range, all KV heads): the G query heads of a
 // KV head share each of its K and V rows. Blocks are taken in chunks of ~128 tokens; for a chunk,
-// scores of every head are computed block by block (each K row read once, for its G heads), one
-// online-softmax update rescales the running outputs, then V rows are accumulated (each read
-// once). KV is thus streamed once, in one pass, converted to fp32 in registers. With fp32 KV and
-// a group that fills the vector lanes (GQA 8 on AVX2) the scores are computed with heads in lanes
-// instead (qk_lanes).
+// scores of every head are computed block by block, one online-softmax update rescales the
+// running outputs, then V rows are accumulated. KV is thus streamed once, in one pass, converted
+// to fp32 in registers. K runs are stored transposed ([D][B], tokens contiguous), so a score
+// vector holds W tokens of one head: s[h, t:t+W] = sum_d q[h, d] * kt[d, t:t+W], one K vector
+// load and one broadcast per FMA, no horizontal sums, any group size; V runs stay [B][D] and
+// are accumulated with head_dim in the lanes.
 
 namespace ATTN_NS {
 
@@ -31,7 +32,7 @@ struct Prefetch {
         per_step((bytes / (steps > 0 ? steps : 1) + 63) / 64 * 64) {}
   void step() {
     const int64_t n = left < per_step ? left : per_step;
-    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 3);
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 2);
     p += n;
     left -= n;
   }
@@ -41,99 +42,90 @@ struct Prefetch {
   }
 };
 
-// Keeps a loaded vector in a register: without it GCC folds the load into each FMA that uses
-// it, one load per token of the tile instead of one.
-template <class T>
-inline void pin(T& x) {
-#if defined(__GNUC__) && MOELENS_X86_ISAS
-  asm("" : "+x"(x));
-#endif
-}
+constexpr int kDimsPerStep = 8;  // head dims per prefetch step of a score tile
 
-// Tokens per score tile for nh heads: 8 accumulators where possible (one hsum8 tree).
-constexpr int token_tile(int nh) { return nh == 1 ? 8 : nh == 2 ? 4 : 2; }
-
-// s[h, t] = q_h . k_t for NH heads x NT tokens: a K chunk is loaded once for all NH heads and a q
-// chunk (L1-resident) once for all NT tokens; NH * NT accumulators stay in registers.
-template <class Tag, int NH, int NT>
-inline void qk_tile(const float* q, int dp, const typename Tag::type* k, int dim, float* s,
-                    int ss, Prefetch* pf) {
-  R acc[NH][NT];
-  for (int h = 0; h < NH; ++h)
-    for (int t = 0; t < NT; ++t) acc[h][t] = V::zero();
+// s[h, t0 : t0 + W] for NH heads from one transposed K run kt[D][B] (tokens t0.., `tokens` of
+// them real, kFull: all W; otherwise the rest of the vector is zero). S interleaved partial sums
+// over d keep at least 8 FMA chains in flight however few heads there are (an FMA's latency is
+// 4 cycles, two issue per cycle); q [NH][dp] is broadcast from L1, one element per FMA. The
+// prefetcher steps once per kDimsPerStep dims (per d its bookkeeping cost as much as the FMAs).
+template <class Tag, int NH, bool kFull>
+inline void qk_tile(const float* q, int dp, const typename Tag::type* kt, int B, int D,
+                    int tokens, float* s, int ss, Prefetch* pf) {
+  constexpr int S = NH >= 8 ? 1 : 8 / NH;
+  static_assert(kDimsPerStep % S == 0, "a prefetch step covers whole rounds of partial sums");
+  R acc[S][NH];
+  for (int j = 0; j < S; ++j)
+    for (int h = 0; h < NH; ++h) acc[j][h] = V::zero();
+  auto fma_row = [&](int d, int j) {
+    const typename Tag::type* k = kt + int64_t(d) * B;
+    const R kv = kFull ? V::template load<Tag>(k) : V::template load_n<Tag>(k, tokens);
+    for (int h = 0; h < NH; ++h) acc[j][h] = V::fma(V::set1(q[h * dp + d]), kv, acc[j][h]);
+  };
   int d = 0;
-  for (; d + W <= dim; d += W) {
+  for (; d + kDimsPerStep <= D; d += kDimsPerStep) {
     if (pf) pf->step();
-    R kv[NT];
-    for (int t = 0; t < NT; ++t) kv[t] = V::template load<Tag>(k + int64_t(t) * dim + d);
-    for (int h = 0; h < NH; ++h) {
-      R qv = V::template load<F32>(q + h * dp + d);
-      if constexpr (NT > 1) pin(qv);
-      for (int t = 0; t < NT; ++t) acc[h][t] = V::fma(qv, kv[t], acc[h][t]);
-    }
+    for (int u = 0; u < kDimsPerStep; u += S)
+      for (int j = 0; j < S; ++j) fma_row(d + u + j, j);
   }
-  if (d < dim) {  // head_dim tail: masked K loads; q's padding is zero
-    R kv[NT];
-    for (int t = 0; t < NT; ++t)
-      kv[t] = V::template load_n<Tag>(k + int64_t(t) * dim + d, dim - d);
-    for (int h = 0; h < NH; ++h) {
-      R qv = V::template load<F32>(q + h * dp + d);
-      for (int t = 0; t < NT; ++t) acc[h][t] = V::fma(qv, kv[t], acc[h][t]);
-    }
-  }
-  if constexpr (NH * NT == 8) {
-    float sums[8];
-    V::hsum8(&acc[0][0], sums);
-    for (int h = 0; h < NH; ++h)
-      for (int t = 0; t < NT; ++t) s[h * ss + t] = sums[h * NT + t];
-  } else {
-    for (int h = 0; h < NH; ++h)
-      for (int t = 0; t < NT; ++t) s[h * ss + t] = V::hsum(acc[h][t]);
+  for (; d < D; ++d) fma_row(d, 0);  // head_dim not a multiple of kDimsPerStep
+  for (int h = 0; h < NH; ++h) {
+    R sum = acc[0][h];
+    for (int j = 1; j < S; ++j) sum = V::add(sum, acc[j][h]);
+    V::store(s + h * ss, sum);  // a whole vector: rows of s have W floats of slack
   }
 }
 
-template <class Tag, int NH>
-inline void qk_heads(const float* q, int dp, const typename Tag::type* k, int n, int dim,
-                     float* s, int ss, Prefetch* pf) {
-  constexpr int NT = token_tile(NH);
-  int t = 0;
-  for (; t + NT <= n; t += NT)
-    qk_tile<Tag, NH, NT>(q, dp, k + int64_t(t) * dim, dim, s + t, ss, pf);
-  for (; t < n; ++t) qk_tile<Tag, NH, 1>(q, dp, k + int64_t(t) * dim, dim, s + t, ss, nullptr);
+template <class Tag, bool kFull>
+inline void qk_heads(const float* q, int nh, int dp, const typename Tag::type* kt, int B, int D,
+                     int tokens, float* s, int ss, Prefetch* pf) {
+  switch (nh) {
+    case 1: qk_tile<Tag, 1, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+    case 2: qk_tile<Tag, 2, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+    case 3: qk_tile<Tag, 3, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+    case 4: qk_tile<Tag, 4, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+    case 5: qk_tile<Tag, 5, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+    case 6: qk_tile<Tag, 6, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+    case 7: qk_tile<Tag, 7, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+    default: qk_tile<Tag, 8, kFull>(q, dp, kt, B, D, tokens, s, ss, pf); break;
+  }
 }
 
-// Scores of `group` heads against the n rows of one (block, kv head) run, prefetching `next`.
+constexpr int kTileHeads = 8;  // heads per score tile: 8 accumulators, plus K and a broadcast
+
+// Scores s[h][0 : B] of `group` heads against one (block, kv head) run kt[D][B], prefetching
+// `next`. Token positions past the run's real ones get scores too (from whatever the block
+// holds there); the softmax overwrites them with -inf.
 template <class Tag>
-void qk_block(const float* q, int group, int dp, const typename Tag::type* k, int n, int dim,
+void qk_block(const float* q, int group, int dp, const typename Tag::type* kt, int B, int D,
               float* s, int ss, const void* next, int64_t next_bytes) {
-  Prefetch pf(next, next_bytes, n / token_tile(group < 4 ? group : 4) * (dim / W));
-  for (int h = 0; h < group; h += 4) {
-    const float* qh = q + h * dp;
-    float* sh = s + h * ss;
-    Prefetch* p = h == 0 ? &pf : nullptr;
-    switch (group - h) {
-      case 1: qk_heads<Tag, 1>(qh, dp, k, n, dim, sh, ss, p); break;
-      case 2: qk_heads<Tag, 2>(qh, dp, k, n, dim, sh, ss, p); break;
-      case 3: qk_heads<Tag, 3>(qh, dp, k, n, dim, sh, ss, p); break;
-      default: qk_heads<Tag, 4>(qh, dp, k, n, dim, sh, ss, p); break;
+  Prefetch pf(next, next_bytes, D / kDimsPerStep);
+  for (int h = 0; h < group; h += kTileHeads) {
+    const int nh = group - h < kTileHeads ? group - h : kTileHeads;
+    for (int t0 = 0; t0 < B; t0 += W) {
+      Prefetch* p = h == 0 && t0 == 0 ? &pf : nullptr;
+      const typename Tag::type* k = kt + t0;
+      float* st = s + h * ss + t0;
+      if (B - t0 >= W) qk_heads<Tag, true>(q + h * dp, nh, dp, k, B, D, W, st, ss, p);
+      else qk_heads<Tag, false>(q + h * dp, nh, dp, k, B, D, B - t0, st, ss, p);
     }
   }
   pf.finish();
 }
 
-// Probabilities of one run: p(h, t) at p[h * head_stride + t * token_stride] ([head][token] on
-// the default path, [token][head] with heads in lanes).
+// Probabilities of one run: p(h, t) at p[h * ss + t].
 struct Probs {
   const float* p;
-  int head_stride;
-  int token_stride;
-  float at(int h, int t) const { return p[h * head_stride + t * token_stride]; }
-  Probs heads_from(int h) const { return {p + h * head_stride, head_stride, token_stride}; }
+  int ss;
+  float at(int h, int t) const { return p[h * ss + t]; }
+  Probs heads_from(int h) const { return {p + h * ss, ss}; }
 };
+
+constexpr int kTokensPerStep = 4;  // V rows per prefetch step of an output tile
 
 // acc[h, d0 : d0 + CT*W] += sum_t p(h, t) * v[t, same columns]. The accumulators live in
 // registers across all n tokens; `kTail`: the single chunk is the head_dim tail with `tail` valid
-// lanes.
+// lanes. The prefetcher steps once per kTokensPerStep tokens.
 template <class Tag, int NH, int CT, bool kTail>
 inline void av_tile(Probs p, const typename Tag::type* v, int n, int dim, float* acc, int dp,
                     int d0, int tail, Prefetch* pf) {
@@ -141,7 +133,7 @@ inline void av_tile(Probs p, const typename Tag::type* v, int n, int dim, float*
   for (int h = 0; h < NH; ++h)
     for (int c = 0; c < CT; ++c) a[h][c] = V::template load<F32>(acc + h * dp + d0 + c * W);
   for (int t = 0; t < n; ++t) {
-    if (pf) pf->step();
+    if (pf && t % kTokensPerStep == 0) pf->step();
     const typename Tag::type* row = v + int64_t(t) * dim + d0;
     R vv[CT];
     for (int c = 0; c < CT; ++c)
@@ -169,7 +161,7 @@ inline void av_heads(Probs p, const typename Tag::type* v, int n, int dim, float
 template <class Tag>
 void av_block(Probs p, int group, const typename Tag::type* v, int n, int dim, float* acc,
               int dp, const void* next, int64_t next_bytes) {
-  Prefetch pf(next, next_bytes, dim / (2 * W) * n);
+  Prefetch pf(next, next_bytes, dim / (2 * W) * ((n + kTokensPerStep - 1) / kTokensPerStep));
   for (int h = 0; h < group; h += 4) {
     const Probs ph = p.heads_from(h);
     float* ah = acc + h * dp;
@@ -184,101 +176,11 @@ void av_block(Probs p, int group, const typename Tag::type* v, int n, int dim, f
   pf.finish();
 }
 
-// Heads in lanes, for fp32 KV and groups of a multiple of W query heads per KV head (GQA 8 on
-// AVX2): the scores of W heads for one token are one vector, s[t, g] = sum_d k[t, d] * qt[d, g],
-// each K element broadcast against q transposed to [D, G] (L1-resident). Unlike the head x token
-// tiles above there is no horizontal sum, each K row is read once per W heads, and the softmax
-// runs with heads in lanes as well. (16-bit KV keeps the tiles: widening each run into an fp32
-// buffer first measured 20% slower than converting in registers.)
-template <class Tag>
-inline bool heads_in_lanes(int group) {
-  return std::is_same_v<Tag, F32> && W >= 8 && group % W == 0;
-}
-
-constexpr int kLaneTokens = 8;  // tokens per register tile: 8 accumulators
-
-// DIM > 0: head_dim known at compile time, so the NT row offsets are immediates (with a run-time
-// dim GCC keeps them on the stack and reloads one per broadcast: a third of the loop's time).
-template <int NT, int DIM>
-inline void qk_lanes_tile(const float* qt, int G, const float* k, int dim_rt, float* s,
-                          Prefetch* pf) {
-  const int dim = DIM > 0 ? DIM : dim_rt;
-  R acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = V::zero();
-  for (int d0 = 0; d0 < dim; d0 += W) {
-    if (pf) pf->step();
-    const int d1 = d0 + W < dim ? d0 + W : dim;
-    for (int d = d0; d < d1; ++d) {
-      R qv = V::template load<F32>(qt + int64_t(d) * G);
-      pin(qv);
-      for (int t = 0; t < NT; ++t) acc[t] = V::fma(V::set1(k[t * dim + d]), qv, acc[t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) V::store(s + int64_t(t) * G, acc[t]);
-}
-
-template <int DIM>
-inline void qk_lanes_run(const float* qt, int G, const float* k, int n, int dim, float* s,
-                         Prefetch& pf) {
-  for (int j = 0; j < G; j += W) {
-    Prefetch* p = j == 0 ? &pf : nullptr;
-    int t = 0;
-    for (; t + kLaneTokens <= n; t += kLaneTokens)
-      qk_lanes_tile<kLaneTokens, DIM>(qt + j, G, k + int64_t(t) * dim, dim,
-                                      s + int64_t(t) * G + j, p);
-    for (; t < n; ++t)
-      qk_lanes_tile<1, DIM>(qt + j, G, k + int64_t(t) * dim, dim, s + int64_t(t) * G + j, p);
-  }
-}
-
-// Scores s[n, G] of one fp32 (block, kv head) run k[n, dim], prefetching `next`.
-inline void qk_lanes(const float* qt, int G, const float* k, int n, int dim, float* s,
-                     const void* next, int64_t next_bytes) {
-  Prefetch pf(next, next_bytes, (n / kLaneTokens + n % kLaneTokens) * ((dim + W - 1) / W));
-  switch (dim) {
-    case 64: qk_lanes_run<64>(qt, G, k, n, dim, s, pf); break;
-    case 128: qk_lanes_run<128>(qt, G, k, n, dim, s, pf); break;
-    default: qk_lanes_run<0>(qt, G, k, n, dim, s, pf); break;
-  }
-  pf.finish();
-}
-
-
 // acc[0:dp] *= alpha: a running output whose max moved (nothing to do when it did not).
 inline void rescale(float* acc, int dp, float alpha) {
   if (alpha == 1.f) return;
   const R av = V::set1(alpha);
   for (int d = 0; d < dp; d += W) V::store(acc + d, V::mul(V::template load<F32>(acc + d), av));
-}
-
-// softmax_update (below) for scores laid out [Hkv][t][G]: the running max, sum and rescale
-// factor of W heads are one vector each.
-inline void softmax_lanes(Scratch& sc, int num_kv_heads, int G, int n) {
-  const int ss = sc.s_stride, dp = sc.dp;
-  for (int h = 0; h < num_kv_heads; ++h)
-    for (int j = 0; j < G; j += W) {
-      float* s = sc.s.data() + int64_t(h) * G * ss + j;  // s[t * G] = W heads of token t
-      const int hq = h * G + j;
-      const R m_old = V::template load<F32>(sc.m.data() + hq);
-      R m_new = m_old;
-      for (int t = 0; t < n; ++t) m_new = V::max(m_new, V::template load<F32>(s + t * G));
-      R sum = V::zero();
-      for (int t = 0; t < n; ++t) {
-        const R p = V::exp(V::sub(V::template load<F32>(s + t * G), m_new));
-        V::store(s + t * G, p);
-        sum = V::add(sum, p);
-      }
-      float m_prev[16], m_next[16];
-      V::store(m_prev, m_old);
-      V::store(m_next, m_new);
-      for (int i = 0; i < W; ++i) {
-        const float alpha = std::exp(m_prev[i] - m_next[i]);  // 0 on the first chunk (-inf)
-        sc.l[hq + i] *= alpha;
-        rescale(sc.acc.data() + int64_t(hq + i) * dp, dp, alpha);
-      }
-      V::store(sc.l.data() + hq, V::add(V::template load<F32>(sc.l.data() + hq), sum));
-      V::store(sc.m.data() + hq, m_new);
-    }
 }
 
 // Online softmax over one chunk of n scores per head: turns scores into exp(s - m_new) in place,
@@ -307,19 +209,12 @@ inline void softmax_update(Scratch& sc, int num_heads, int n) {
   }
 }
 
-// The item's q times scale: sc.q [Hq, dp] for the head tiles, or with heads in lanes (`lanes`)
-// sc.qt, transposed per KV head: qt[h][d][g] = q[h * G + g][d].
-inline void start_item(const AttnArgs& a, const WorkItem& w, Scratch& sc, bool lanes) {
-  const int G = a.group, H = a.num_kv_heads * G, D = a.head_dim;
+// The item's q times scale into sc.q [Hq, dp], and empty running results.
+inline void start_item(const AttnArgs& a, const WorkItem& w, Scratch& sc) {
+  const int H = a.num_kv_heads * a.group, D = a.head_dim;
   const float* q = a.q + int64_t(w.row) * H * D;  // [Hq, D]
-  if (lanes) {
-    for (int h = 0; h < H; ++h)
-      for (int d = 0; d < D; ++d)
-        sc.qt[(int64_t(h / G) * D + d) * G + h % G] = q[h * D + d] * a.scale;
-  } else {
-    for (int h = 0; h < H; ++h)
-      for (int d = 0; d < D; ++d) sc.q[h * sc.dp + d] = q[h * D + d] * a.scale;
-  }
+  for (int h = 0; h < H; ++h)
+    for (int d = 0; d < D; ++d) sc.q[h * sc.dp + d] = q[h * D + d] * a.scale;
   for (float& x : sc.acc) x = 0.f;
   for (int h = 0; h < H; ++h) {
     sc.m[h] = -INFINITY;
@@ -370,14 +265,14 @@ struct StreamOrder {
 };
 
 // One work item: all KV heads of one row over tokens [t0, t1). Blocks are visited in order and,
-// within a block, heads in order, so each block's [Hkv, B, D] K (then V) is read as one
-// contiguous stretch; runs kPrefetchBlocks ahead in stream order are prefetched meanwhile.
+// within a block, heads in order, so each block's [Hkv, D, B] K (then [Hkv, B, D] V) is read as
+// one contiguous stretch; runs kPrefetchBlocks ahead in stream order are prefetched meanwhile.
 template <class Tag>
 void run_item(const AttnArgs& a, const WorkItem& w, Scratch& sc, float* out, float* partials) {
   using T = typename Tag::type;
   constexpr int kPrefetchBlocks = 1;  // further ahead measured no better here
   const int G = a.group, D = a.head_dim, B = a.block_size, Hkv = a.num_kv_heads;
-  const int64_t run = int64_t(B) * D;  // one (block, kv head): [B, D]
+  const int64_t run = int64_t(B) * D;  // one (block, kv head): K [D, B], V [B, D]
   const int32_t* table = a.block_tables + w.row * a.table_stride;
   const T* k_pool = static_cast<const T*>(a.k_pool);
   const T* v_pool = static_cast<const T*>(a.v_pool);
@@ -392,38 +287,26 @@ void run_item(const AttnArgs& a, const WorkItem& w, Scratch& sc, float* out, flo
   };
   auto next_bytes = [&](bool is_v, int b) -> int64_t {
     const StreamOrder::Pos p = order.ahead(is_v, b, kPrefetchBlocks);
-    return p.block < 0 ? 0 : int64_t(tokens_in(p.block)) * D * int64_t(sizeof(T));
+    if (p.block < 0) return 0;
+    // a K run is read whole (its tokens are the rows' lanes), a V run only up to its last token
+    return (p.is_v ? int64_t(tokens_in(p.block)) * D : run) * int64_t(sizeof(T));
   };
 
-  const bool lanes = heads_in_lanes<Tag>(G);
-  start_item(a, w, sc, lanes);
-  // Scores of kv head h, block b of the chunk: [G][ss] rows by head, or [B][G] with heads in lanes.
-  auto scores = [&](int h, int b, int cb) {
-    return sc.s.data() + int64_t(h) * G * ss + (b - cb) * B * (lanes ? G : 1);
-  };
+  start_item(a, w, sc);
+  // Scores of kv head h, block b of the chunk: rows of ss floats by head.
+  auto scores = [&](int h, int b, int cb) { return sc.s.data() + int64_t(h) * G * ss + (b - cb) * B; };
   for (int cb = first; cb < last; cb += sc.blocks_per_chunk) {
     const int ce = cb + sc.blocks_per_chunk < last ? cb + sc.blocks_per_chunk : last;
     for (int b = cb; b < ce; ++b)
-      for (int h = 0; h < Hkv; ++h) {
-        const T* k = at(k_pool, b, h);
-        if constexpr (std::is_same_v<Tag, F32>) {
-          if (lanes) {
-            qk_lanes(sc.qt.data() + int64_t(h) * D * G, G, k, tokens_in(b), D, scores(h, b, cb),
-                     next_run(false, b, h), next_bytes(false, b));
-            continue;
-          }
-        }
-        qk_block<Tag>(sc.q.data() + h * G * dp, G, dp, k, tokens_in(b), D, scores(h, b, cb), ss,
-                      next_run(false, b, h), next_bytes(false, b));
-      }
+      for (int h = 0; h < Hkv; ++h)
+        qk_block<Tag>(sc.q.data() + h * G * dp, G, dp, at(k_pool, b, h), B, D, scores(h, b, cb),
+                      ss, next_run(false, b, h), next_bytes(false, b));
     const int n = (ce - cb - 1) * B + tokens_in(ce - 1);
-    if (lanes) softmax_lanes(sc, Hkv, G, n); else softmax_update(sc, Hkv * G, n);
+    softmax_update(sc, Hkv * G, n);
     for (int b = cb; b < ce; ++b)
-      for (int h = 0; h < Hkv; ++h) {
-        const Probs p = lanes ? Probs{scores(h, b, cb), 1, G} : Probs{scores(h, b, cb), ss, 1};
-        av_block<Tag>(p, G, at(v_pool, b, h), tokens_in(b), D, sc.acc.data() + h * G * dp, dp,
-                      next_run(true, b, h), next_bytes(true, b));
-      }
+      for (int h = 0; h < Hkv; ++h)
+        av_block<Tag>(Probs{scores(h, b, cb), ss}, G, at(v_pool, b, h), tokens_in(b), D,
+                      sc.acc.data() + h * G * dp, dp, next_run(true, b, h), next_bytes(true, b));
   }
   finish_item(a, w, sc, out, partials);
 }

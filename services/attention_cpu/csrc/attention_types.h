@@ -11,7 +11,7 @@ enum class KvDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // Every shape the kernel needs; pointers are raw so the kernel bodies never see torch headers.
 struct AttnArgs {
   const float* q;               // [R, Hq, D]
-  const void* k_pool;           // [N, Hkv, B, D] in `dtype`
+  const void* k_pool;           // [N, Hkv, D, B] in `dtype`: K transposed per (block, head)
   const void* v_pool;           // [N, Hkv, B, D] in `dtype`
   const int32_t* block_tables;  // [R, table_stride], validated
   int64_t table_stride;
@@ -44,15 +44,13 @@ struct SplitRow {
 // width) and zero in the padding, so vector loads and stores on them never need a mask.
 struct Scratch {
   int dp;                // padded head_dim
-  int s_stride;          // padded tokens per chunk
+  int s_stride;          // floats per row of scores: the chunk's tokens, padded, plus a vector
   int blocks_per_chunk;  // blocks whose scores are computed before one softmax update
   std::vector<float> q;    // [Hq, dp] query rows times scale
   std::vector<float> acc;  // [Hq, dp] unnormalised output
   std::vector<float> m;    // [Hq] running max
   std::vector<float> l;    // [Hq] running sum of exp
-  std::vector<float> s;    // [Hq, s_stride] scores, then probabilities ([Hkv][s_stride][G]
-                           // on the heads-in-lanes path)
-  std::vector<float> qt;   // [Hkv, D, G] q times scale, transposed (heads-in-lanes path)
+  std::vector<float> s;    // [Hq, s_stride] scores, then probabilities
 
   Scratch(int num_heads, int head_dim, int block_size) {
     constexpr int kMaxLanes = 16;
@@ -60,13 +58,13 @@ struct Scratch {
     dp = (head_dim + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
     blocks_per_chunk = kChunkTokens / block_size > 1 ? kChunkTokens / block_size : 1;
     int chunk = blocks_per_chunk * block_size;
-    s_stride = (chunk + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
+    // a score vector stored at a block's last token vector may reach W - 1 floats past it
+    s_stride = (chunk + kMaxLanes - 1) / kMaxLanes * kMaxLanes + kMaxLanes;
     q.assign(size_t(num_heads) * dp, 0.f);
     acc.assign(size_t(num_heads) * dp, 0.f);
     m.assign(num_heads, 0.f);
     l.assign(num_heads, 0.f);
     s.assign(size_t(num_heads) * s_stride, 0.f);
-    qt.assign(size_t(num_heads) * head_dim, 0.f);
   }
 };
 

@@ -1,7 +1,8 @@
 // Paged decode attention over a host-memory KV pool, as a torch extension (kernel.py builds it).
 //
-// Layout: q [R, Hq, D] fp32; k_pool, v_pool [N, Hkv, B, D] fp32/fp16/bf16; each (block, kv head)
-// is one contiguous [B, D] run. The kernel body (attention_impl.h) is compiled three times:
+// Layout: q [R, Hq, D] fp32; k_pool [N, Hkv, D, B] and v_pool [N, Hkv, B, D], fp32/fp16/bf16;
+// each (block, kv head) is one contiguous run, K's transposed (tokens contiguous: they are the
+// score vectors' lanes), V's by token (head_dim in the lanes of the output). The kernel body (attention_impl.h) is compiled three times:
 // scalar, AVX2+FMA+F16C and AVX-512, each under its own target pragma; the caller picks the ISA
 // at run time (kernel.py asks `supported_isas`), so the file is built without -march flags.
 // Work is split into (row, token range) items scheduled dynamically over OpenMP threads; long
@@ -78,10 +79,13 @@ KvDtype kv_dtype(const torch::Tensor& pool) {
 }
 
 void check_pools(const torch::Tensor& k_pool, const torch::Tensor& v_pool) {
-  TORCH_CHECK_VALUE(k_pool.dim() == 4, "k_pool must be [num_blocks, num_kv_heads, block_size, "
-                    "head_dim], got ", k_pool.dim(), " dims");
-  TORCH_CHECK_VALUE(k_pool.sizes() == v_pool.sizes(), "k_pool ", k_pool.sizes(),
-                    " and v_pool ", v_pool.sizes(), " must have the same shape");
+  TORCH_CHECK_VALUE(k_pool.dim() == 4 && v_pool.dim() == 4, "k_pool must be [num_blocks, "
+                    "num_kv_heads, head_dim, block_size] and v_pool [num_blocks, num_kv_heads, "
+                    "block_size, head_dim], got ", k_pool.dim(), " and ", v_pool.dim(), " dims");
+  TORCH_CHECK_VALUE(k_pool.size(0) == v_pool.size(0) && k_pool.size(1) == v_pool.size(1) &&
+                        k_pool.size(2) == v_pool.size(3) && k_pool.size(3) == v_pool.size(2),
+                    "k_pool ", k_pool.sizes(), " [N, Hkv, D, B] and v_pool ", v_pool.sizes(),
+                    " [N, Hkv, B, D] do not describe the same blocks");
   TORCH_CHECK_VALUE(k_pool.scalar_type() == v_pool.scalar_type(), "k_pool dtype ",
                     k_pool.scalar_type(), " differs from v_pool dtype ", v_pool.scalar_type());
   TORCH_CHECK_VALUE(k_pool.is_contiguous() && v_pool.is_contiguous(),
@@ -118,8 +122,8 @@ void check_attention_inputs(const torch::Tensor& q, const torch::Tensor& k_pool,
   TORCH_CHECK_VALUE(q.dim() == 3, "q must be [rows, num_heads, head_dim], got ", q.dim(), " dims");
   TORCH_CHECK_VALUE(q.scalar_type() == torch::kFloat32, "q must be float32, got ", q.scalar_type());
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor");
-  TORCH_CHECK_VALUE(q.size(2) == k_pool.size(3), "q head_dim ", q.size(2),
-                    " differs from the pool's head_dim ", k_pool.size(3));
+  TORCH_CHECK_VALUE(q.size(2) == v_pool.size(3), "q head_dim ", q.size(2),
+                    " differs from the pool's head_dim ", v_pool.size(3));
   TORCH_CHECK_VALUE(q.size(1) % k_pool.size(1) == 0, "num_heads ", q.size(1),
                     " is not a multiple of num_kv_heads ", k_pool.size(1));
   TORCH_CHECK_VALUE(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt32,
@@ -203,12 +207,12 @@ torch::Tensor paged_attention(const torch::Tensor& q_in, const torch::Tensor& k_
   const torch::Tensor q = q_in.contiguous();
   const torch::Tensor block_tables = block_tables_in.contiguous();
   const torch::Tensor context_lens = context_lens_in.contiguous();
-  check_rows(block_tables, context_lens, k_pool.size(0), k_pool.size(2));
+  check_rows(block_tables, context_lens, v_pool.size(0), v_pool.size(2));
 
   AttnArgs a{q.data_ptr<float>(), k_pool.data_ptr(), v_pool.data_ptr(),
-             block_tables.data_ptr<int32_t>(), block_tables.size(1), int(k_pool.size(1)),
-             int(q.size(1) / k_pool.size(1)), int(k_pool.size(2)), int(k_pool.size(3)),
-             float(scale), kv_dtype(k_pool)};
+             block_tables.data_ptr<int32_t>(), block_tables.size(1), int(v_pool.size(1)),
+             int(q.size(1) / v_pool.size(1)), int(v_pool.size(2)), int(v_pool.size(3)),
+             float(scale), kv_dtype(v_pool)};
   torch::Tensor out = torch::empty_like(q);
   const int threads = resolve_threads(num_threads);
   const int num_heads = int(q.size(1));
@@ -234,11 +238,12 @@ torch::Tensor paged_attention(const torch::Tensor& q_in, const torch::Tensor& k_
   return out;
 }
 
+// K rows go in transposed (kt[blk, h, d, off] = k[t, h, d]), V rows as they are.
 void store_kv(torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor& k,
               const torch::Tensor& v, const torch::Tensor& slots_in) {
   check_pools(k_pool, v_pool);
-  const int64_t num_kv_heads = k_pool.size(1), block_size = k_pool.size(2);
-  const int64_t dim = k_pool.size(3), num_slots = k_pool.size(0) * block_size;
+  const int64_t num_kv_heads = v_pool.size(1), block_size = v_pool.size(2);
+  const int64_t dim = v_pool.size(3), num_slots = v_pool.size(0) * block_size;
   TORCH_CHECK_VALUE(k.dim() == 3 && k.sizes() == v.sizes(), "k and v must both be [tokens, "
                     "num_kv_heads, head_dim], got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK_VALUE(k.size(1) == num_kv_heads && k.size(2) == dim, "k/v rows ", k.sizes(),
@@ -254,7 +259,7 @@ void store_kv(torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor&
                       " is outside the pool's ", num_slots, " slots");
   const torch::Tensor kc = k.to(k_pool.scalar_type()).contiguous();  // [T, Hkv, D]
   const torch::Tensor vc = v.to(v_pool.scalar_type()).contiguous();
-  const int64_t row_bytes = dim * k_pool.element_size();
+  const int64_t elem = k_pool.element_size(), row_bytes = dim * elem;
   const char* ks = static_cast<const char*>(kc.data_ptr());
   const char* vs = static_cast<const char*>(vc.data_ptr());
   char* kd = static_cast<char*>(k_pool.data_ptr());
@@ -262,10 +267,11 @@ void store_kv(torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor&
   for (int64_t t = 0; t < slots.size(0); ++t) {
     const int64_t blk = s[t] / block_size, off = s[t] % block_size;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      const int64_t dst = ((blk * num_kv_heads + h) * block_size + off) * row_bytes;
+      const int64_t run = (blk * num_kv_heads + h) * block_size * row_bytes;  // same for K, V
       const int64_t src = (t * num_kv_heads + h) * row_bytes;
-      std::memcpy(kd + dst, ks + src, row_bytes);
-      std::memcpy(vd + dst, vs + src, row_bytes);
+      std::memcpy(vd + run + off * row_bytes, vs + src, row_bytes);
+      for (int64_t d = 0; d < dim; ++d)
+        std::memcpy(kd + run + (d * block_size + off) * elem, ks + src + d * elem, elem);
     }
   }
 }

@@ -65,9 +65,6 @@ struct VecScalar {
   static R max(R a, R b) { return a > b ? a : b; }
   static float hmax(R x) { return x; }
   static float hsum(R x) { return x; }
-  static void hsum8(const R* x, float* out) {
-    for (int i = 0; i < 8; ++i) out[i] = x[i];
-  }
   static R exp(R x) { return std::exp(x); }
 };
 
@@ -119,14 +116,6 @@ struct VecAvx2 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  // out[i] = hsum(x[i]) for 8 registers with a horizontal-add tree: ~9 ops instead of ~40.
-  static void hsum8(const R* x, float* out) {
-    const R a = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
-    const R b = _mm256_hadd_ps(_mm256_hadd_ps(x[4], x[5]), _mm256_hadd_ps(x[6], x[7]));
-    // a = [0123 | 0123] partial sums of x0..x3 (low/high 128-bit lanes), b likewise for x4..x7
-    const R lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
-    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
-  }
   static R exp(R x) { return exp_avx2(x); }  // simd_exp.h (moelens/csrc/common)
 };
 
@@ -166,13 +155,6 @@ struct VecAvx512 {
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static float hmax(R x) { return _mm512_reduce_max_ps(x); }
   static float hsum(R x) { return _mm512_reduce_add_ps(x); }
-  // Folds each register to 256 bits, then the AVX2 tree.
-  static void hsum8(const R* x, float* out) {
-    __m256 h[8];
-    for (int i = 0; i < 8; ++i)
-      h[i] = _mm256_add_ps(_mm512_castps512_ps256(x[i]), _mm512_extractf32x8_ps(x[i], 1));
-    VecAvx2::hsum8(h, out);
-  }
   // exp_avx2 (simd_exp.h) on each half: one polynomial for every ISA, and the softmax's one exp
   // per score is small beside the score's FMAs.
   static R exp(R x) {
