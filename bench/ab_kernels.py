@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/ab_kernels.py panel --base REV [--tokens 16,64,256,1024] [--reps 7]
     .venv/bin/python bench/ab_kernels.py attention --base REV [--configs 8192x8:8,2048x16:8]
-        [--dtypes float32,float16] [--reps 5] [--threads 2]
+        [--dtypes float32,float16] [--reps 5] [--threads 2] [--kv-heads 8] [--head-dim 128]
+        [--isa avx512|avx2|scalar]
 
 Both builds are loaded side by side and called alternately, so a drift of the shared machine
 moves both columns alike (a separate run per build does not compare on these VMs).
 `panel`: one fused MoE expert block (`grouped_swiglu`) with bench-mixtral's expert shapes
 (H 1024, I 2048, 8 experts, top-2, random routing), over 4 layers of weights so they come from
-memory; prints the median and best ms. `attention`: `paged_attention` on cold KV (Hkv 8,
-head_dim 128, block 16, random block tables; configs `CTXxBATCH:GQA`); prints KV GB/s of the
-median and the best call. The two builds' outputs must agree.
+memory; prints the median and best ms. `attention`: `paged_attention` on cold KV (Hkv 8 and
+head_dim 128 unless given, block 16, random block tables; configs `CTXxBATCH:GQA`); prints KV
+GB/s of the median and the best call. The two builds' outputs must agree.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def k_for_build(ext: ModuleType, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 def ab_attention(exts: list[ModuleType], args: argparse.Namespace) -> None:
-    kv_heads, head_dim, block = 8, 128, 16
+    kv_heads, head_dim, block = args.kv_heads, args.head_dim, 16
     gen = torch.Generator().manual_seed(0)
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         for config in args.configs.split(","):
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--configs", default="8192x8:8,2048x16:8,8192x1:8",
                         help="attention: CTXxBATCH:GQA, comma-separated")
     parser.add_argument("--dtypes", default="float32", help="attention: KV dtypes")
+    parser.add_argument("--kv-heads", type=int, default=8, help="attention: KV heads")
+    parser.add_argument("--head-dim", type=int, default=128, help="attention: head_dim")
     parser.add_argument("--isa", choices=["avx512", "avx2", "scalar"], default=None,
                         help="attention: kernel ISA (default: the best this CPU runs)")
     parser.add_argument("--reps", type=int, default=7)

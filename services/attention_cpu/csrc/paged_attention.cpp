@@ -238,6 +238,27 @@ torch::Tensor paged_attention(const torch::Tensor& q_in, const torch::Tensor& k_
   return out;
 }
 
+// Copies token t's rows k[t], v[t] ([Hkv, D], already in the pool dtype, elements of type E) to
+// slot s[t]: K transposed (kt[blk, h, d, off] = k[t, h, d]), V as it is.
+template <class E>
+void store_rows(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_pool,
+                torch::Tensor& v_pool, const int64_t* s, int64_t num_tokens) {
+  const int64_t num_kv_heads = v_pool.size(1), block_size = v_pool.size(2), dim = v_pool.size(3);
+  const E* ks = static_cast<const E*>(k.data_ptr());
+  const E* vs = static_cast<const E*>(v.data_ptr());
+  E* kd = static_cast<E*>(k_pool.data_ptr());
+  E* vd = static_cast<E*>(v_pool.data_ptr());
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t blk = s[t] / block_size, off = s[t] % block_size;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const int64_t run = (blk * num_kv_heads + h) * block_size * dim;  // same for K and V
+      const E* kr = ks + (t * num_kv_heads + h) * dim;
+      std::memcpy(vd + run + off * dim, vs + (t * num_kv_heads + h) * dim, dim * sizeof(E));
+      for (int64_t d = 0; d < dim; ++d) kd[run + d * block_size + off] = kr[d];
+    }
+  }
+}
+
 // K rows go in transposed (kt[blk, h, d, off] = k[t, h, d]), V rows as they are.
 void store_kv(torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor& k,
               const torch::Tensor& v, const torch::Tensor& slots_in) {
@@ -259,21 +280,10 @@ void store_kv(torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor&
                       " is outside the pool's ", num_slots, " slots");
   const torch::Tensor kc = k.to(k_pool.scalar_type()).contiguous();  // [T, Hkv, D]
   const torch::Tensor vc = v.to(v_pool.scalar_type()).contiguous();
-  const int64_t elem = k_pool.element_size(), row_bytes = dim * elem;
-  const char* ks = static_cast<const char*>(kc.data_ptr());
-  const char* vs = static_cast<const char*>(vc.data_ptr());
-  char* kd = static_cast<char*>(k_pool.data_ptr());
-  char* vd = static_cast<char*>(v_pool.data_ptr());
-  for (int64_t t = 0; t < slots.size(0); ++t) {
-    const int64_t blk = s[t] / block_size, off = s[t] % block_size;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      const int64_t run = (blk * num_kv_heads + h) * block_size * row_bytes;  // same for K, V
-      const int64_t src = (t * num_kv_heads + h) * row_bytes;
-      std::memcpy(vd + run + off * row_bytes, vs + src, row_bytes);
-      for (int64_t d = 0; d < dim; ++d)
-        std::memcpy(kd + run + (d * block_size + off) * elem, ks + src + d * elem, elem);
-    }
-  }
+  if (k_pool.element_size() == 4)
+    store_rows<uint32_t>(kc, vc, k_pool, v_pool, s, slots.size(0));
+  else
+    store_rows<uint16_t>(kc, vc, k_pool, v_pool, s, slots.size(0));
 }
 
 // Best-of-`reps` streaming read bandwidth in GB/s over a freshly allocated buffer of `num_bytes`,
