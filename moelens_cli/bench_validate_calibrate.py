@@ -21,10 +21,14 @@ and the attention service run between the GEMMs on the same cores. The exchange 
 (in a job it costs ~2× the warmup's round trip, where both processes spin on an idle machine),
 and the paged attention's time beyond its KV bytes as seconds per call (plan, the store of the
 step's K and V, the wake-up: A…E read little KV, so this is what they measure).
-Step overhead: per iteration of A and B, wall time minus what the model prices for the same job
-(its scheduler replay with the prefill-attention fit and the in-situ terms above): the
-coordinator's Python, the Step RPC, sampling and embedding. A line in the number of sequences
-through A and B, clamped at zero.
+Step overhead: wall time of each of A…E minus what the model prices for the same job (its
+scheduler replay with the prefill-attention fit and the in-situ terms above): the coordinator's
+Python, the Step RPC, sampling and embedding. Fitted, non-negative, as a cost per iteration, per
+scheduled sequence per iteration and per request (admission and completion): A and B (64
+iterations of 1 and `num_seqs` sequences) separate the first two, C…E (a request per sequence,
+one iteration each) the third. With the per-request term left out (a line through A and B only,
+sessions 3–8) the jobs of many short requests were predicted 10–20% fast on session 9's machine
+and the long ones slow: the per-request costs had been spread over every decode step.
 """
 
 from __future__ import annotations
@@ -55,24 +59,29 @@ has (the 256-request job was then predicted 14% slow, likely for that reason).""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 
 
-def fit_prefill_attention(shapes: list[tuple[int, int]], seconds: list[float],
-                          q_size: int) -> tuple[float, float, float]:
-    """(seconds per sequence, per token, per FLOP) of `count` fresh sequences of `length` tokens
-    per (length, count) shape: non-negative least squares through the origin (a coefficient
-    that would come out negative is dropped and the rest refitted)."""
-    columns = np.array([[count, count * length, 2.0 * q_size * count * length ** 2]
-                        for length, count in shapes], dtype=float)  # [S, 3]
-    y = np.array(seconds, dtype=float)
-    kept = [0, 1, 2]
+def nonnegative_lstsq(columns: np.ndarray, y: np.ndarray) -> list[float]:
+    """Least squares through the origin with every coefficient >= 0: a coefficient that would
+    come out negative is dropped and the rest refitted (columns [N, C] -> C coefficients)."""
+    kept = list(range(columns.shape[1]))
     while kept:
         coef, *_ = np.linalg.lstsq(columns[:, kept], y, rcond=None)
         if (coef >= 0).all():
-            out = [0.0, 0.0, 0.0]
+            out = [0.0] * columns.shape[1]
             for index, value in zip(kept, coef):
                 out[index] = float(value)
-            return out[0], out[1], out[2]
+            return out
         kept.pop(int(np.argmin(coef)))
-    return 0.0, 0.0, 0.0
+    return [0.0] * columns.shape[1]
+
+
+def fit_prefill_attention(shapes: list[tuple[int, int]], seconds: list[float],
+                          q_size: int) -> tuple[float, float, float]:
+    """(seconds per sequence, per token, per FLOP) of `count` fresh sequences of `length` tokens
+    per (length, count) shape (nonnegative_lstsq)."""
+    columns = np.array([[count, count * length, 2.0 * q_size * count * length ** 2]
+                        for length, count in shapes], dtype=float)  # [S, 3]
+    per_seq, per_token, per_flop = nonnegative_lstsq(columns, np.array(seconds, dtype=float))
+    return per_seq, per_token, per_flop
 
 
 _SAMPLE = re.compile(r'^(moelens_step_\w+?)(?:\{phase="(\w+)"\})?\s+(\S+)$')
@@ -171,7 +180,6 @@ def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
     `max_prompt_len`; see the module docstring)."""
     from services.coordinator.perf_model import Workload, predict
     shapes = calibration_shapes(deployment, max_prompt_len)
-    num_seqs = shapes[1][2]
     lengths = [(p, k) for p, _, k in shapes]
     seconds = [job.phase_s.get("prefill_attention", 0.0) / spec.num_layers / repeats
                for job in jobs]
@@ -201,10 +209,13 @@ def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
     kernels = replace(kernels, attention_s_per_layer=max(
         0.0, (measured_attention - predicted_attention) / calls))
 
-    def residual(index: int) -> float:
-        run = modelled(index, kernels)
-        return (jobs[index].wall_s / repeats - run.total_time_s) / run.num_iterations
-
-    r_one, r_many = residual(0), residual(1)
-    per_seq = max(0.0, (r_many - r_one) / (num_seqs - 1))
-    return replace(kernels, step_fixed_s=max(0.0, r_one - per_seq), step_s_per_seq=per_seq)
+    # What the model leaves unexplained in each job, against how much of each step term the
+    # job holds (the model's own replay priced with a unit of one term at a time).
+    base = [modelled(i, kernels).total_time_s for i in range(len(jobs))]
+    unit = 1e-3
+    terms = ("step_fixed_s", "step_s_per_seq", "request_s")
+    columns = np.array([[(modelled(i, replace(kernels, **{t: unit})).total_time_s - base[i]) / unit
+                         for t in terms] for i in range(len(jobs))])  # [jobs, 3]
+    residual = np.array([job.wall_s / repeats - b for job, b in zip(jobs, base)])
+    fitted = nonnegative_lstsq(columns, residual)
+    return replace(kernels, **dict(zip(terms, fitted)))

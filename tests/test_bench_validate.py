@@ -180,7 +180,7 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
     spec, profile = default_spec_and_profile()
     deployment = Deployment(kv_cache_bytes=2 ** 26, block_size=16, token_budget=512,
                             max_num_seqs=24)
-    truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4,
+    truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4, request_s=2e-3,
                           prefill_attention_s_per_seq=2e-4, prefill_attention_s_per_token=1e-6,
                           prefill_attention_s_per_flop=2e-11, gemm_scale=1.2,
                           exchange_scale=2.0, attention_s_per_layer=1e-4)
@@ -191,7 +191,7 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
         jobs.append(CalibrationJob(run.total_time_s, run.num_iterations, dict(run.components_s)))
     fitted = fit_overheads(jobs, 1, spec, profile, deployment)
     for name in ("gemm_scale", "exchange_scale", "attention_s_per_layer", "step_fixed_s",
-                 "step_s_per_seq"):
+                 "step_s_per_seq", "request_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
     assert fitted.prefill_attention_s_per_seq == pytest.approx(2e-4, rel=1e-3)
     bare = fit_overheads([replace(j, phase_s={}) for j in jobs], 1, spec, profile, deployment)

@@ -182,7 +182,10 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
         exchange = over.exchange_scale * spec.num_layers * (
             profile.exchange_fixed_s + profile.exchange_s_per_byte * moved)
         attention += spec.num_layers * over.attention_s_per_layer
-    overhead = over.step_fixed_s + over.step_s_per_seq * load.num_seqs if num_tokens > 0 else 0.0
+    overhead = 0.0
+    if num_tokens > 0:
+        overhead = over.step_fixed_s + over.step_s_per_seq * load.num_seqs \
+            + over.request_s * load.num_fresh_seqs
     if profile.is_accelerator_separate:
         compute = max(gemm + prefill, attention) + exchange + overhead
         traffic = placement.streamed_bytes + kv_bytes

@@ -216,6 +216,10 @@ class StepOverheads:
     step_s_per_seq: float = 0.0
     """Seconds per scheduled sequence outside the profiled phases (plan entries, sampling,
     token events)."""
+    request_s: float = 0.0
+    """Seconds per request outside the profiled phases, priced in the iteration that admits it:
+    its admission and first plan entry (prompt, sampling parameters), its completion (the
+    final-only publish, freeing its blocks)."""
     prefill_attention_s_per_seq: float = 0.0
     """Expert-side causal attention: seconds per fresh sequence per layer (the call itself)."""
     prefill_attention_s_per_token: float = 0.0
@@ -238,9 +242,9 @@ class StepOverheads:
         for name in ("gemm_scale", "exchange_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"StepOverheads.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("step_fixed_s", "step_s_per_seq", "prefill_attention_s_per_seq",
-                     "prefill_attention_s_per_token", "prefill_attention_s_per_flop",
-                     "attention_s_per_layer"):
+        for name in ("step_fixed_s", "step_s_per_seq", "request_s",
+                     "prefill_attention_s_per_seq", "prefill_attention_s_per_token",
+                     "prefill_attention_s_per_flop", "attention_s_per_layer"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"StepOverheads.{name} must be >= 0, got {value}")
