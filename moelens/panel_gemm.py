@@ -3,9 +3,10 @@
 Legend: M rows, K input features, N output features, P = ceil(N / 16) panels.
 
 A decode step gives each expert tens of rows; MKL repacks the weight on every call, which at that
-size costs as much as the multiply. Packed once at load, an MoE layer runs 3.1x / 1.45x / 1.04x
-faster than with MKL at 4 / 64 / 1024 rows per expert (`moe-lens bench experts`, Zen 3). Model
-code calls `linear` for plain tensors and packed weights alike.
+size costs as much as the multiply. Packed once at load, an MoE layer runs faster than with MKL:
+4.0x / 2.1x / 1.25x at 4 / 64 / 1024 rows per expert with the AVX2 kernel on Zen 3, 1.2x / 1.45x
+/ 1.02x with the AVX-512 kernel on a Xeon (`moe-lens bench experts`). Model code calls `linear`
+for plain tensors and packed weights alike.
 
 A SwiGLU gate/up weight [.., 2I, K] (gate rows, then up rows) is packed "gated": panel p holds
 gate columns 8p..8p+7 and the same up columns, so the GEMM's epilogue writes silu(gate) * up
@@ -15,9 +16,10 @@ The same extension holds the expert service's other CPU kernels: causal prefill 
 GEMM's micro-kernel (`causal_attention`, csrc/prefill_attention.cpp) and the greedy sampler's
 fused argmax + logsumexp (`argmax_logsumexp`, csrc/row_stats.cpp).
 
-When panels are used (`resolve_mode`): "auto" picks them on the CPU device with fp32 weights when
-the CPU's best torch kernels are AVX2 (on AVX-512 CPUs MKL's wider kernels are the better choice)
-and the extension builds; "panels" insists (an error if impossible), "torch" never uses them.
+The micro-kernel is chosen at run time: 12 x 32 on AVX-512 CPUs, 6 x 16 on AVX2 ones
+(`supported_isas`, `set_isa` to pin one). When panels are used (`resolve_mode`): "auto" picks
+them on the CPU device with fp32 weights wherever the extension builds; "panels" insists (an
+error if impossible), "torch" never uses them.
 """
 
 from __future__ import annotations

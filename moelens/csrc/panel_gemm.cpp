@@ -3,27 +3,28 @@
 //
 // Why: a decode step gives each expert only tens of rows. MKL repacks W on every call, which at
 // M = 64 costs about as much as the multiply itself; with W already in panel order the only
-// per-call packing is x's, M·K floats. The 6x16 micro-kernel (micro_kernel.h: 12 ymm
-// accumulators, two panel loads and six broadcasts per k) is the classic AVX2 register block,
-// shared with the prefill attention (prefill_attention.cpp). On the Zen 3 dev machine a
-// bench-mixtral MoE layer runs 3.1x / 1.45x / 1.04x faster than with MKL at 4 / 64 / 1024 rows
-// per expert (moe-lens bench experts).
+// per-call packing is x's, M·K floats. Two micro-kernels (micro_kernel.h), chosen at run time:
 //
-// Blocking: x is packed per (MC rows, KC columns) block into 6-row micro-panels [KC][6] that sit
-// in L1 while one W panel slice streams through from L2 (KC = 1024 rows of 64 B: each slice is
-// read once per MC rows of x; KC = 256 and 512 were slower at 64-1024 tokens in
-// bench/ab_kernels.py panel). The micro-kernels working on one slice prefetch the next one
-// from memory: 9-13% off a fused MoE layer at 16-64 tokens, less from 256 on (bench/ab_kernels.py
-// panel). Threads split the W panels; x is packed cooperatively. The
-// AVX2 path is compiled under a target attribute and chosen at run time; `supported()` says
-// whether this CPU has it (the Python side uses torch's F.linear where it does not).
+// - AVX2, 6 x 16 (12 ymm accumulators, two panel loads and six broadcasts per k), shared with
+//   the prefill attention (prefill_attention.cpp). x is packed per (MC rows, KC columns) block
+//   into 6-row micro-panels [KC][6] that sit in L1 while one W panel slice streams through from
+//   L2 (KC = 1024: each slice is read once per MC rows of x; 256 and 512 were slower on Zen 3).
+//   The micro-kernels of one slice prefetch the next one (9-13% at 16-64 tokens). Threads split
+//   the W panels; x is packed cooperatively. A bench-mixtral MoE layer ran 4.0x / 2.1x / 1.25x
+//   faster than with MKL at 4 / 64 / 1024 rows per expert on Zen 3.
+// - AVX-512, 12 x 32 (two adjacent panels, 24 zmm accumulators), run_zmm below: x packed over
+//   the whole depth per L2-sized block of rows, each 256-deep W slice of a pair of panels
+//   L1-resident for every micro-panel of the block, partial sums carried between slices, so
+//   each output is written once. 1.2x / 1.45x / 1.02x MKL at 4 / 64 / 1024 rows per expert on a
+//   Sapphire Rapids Xeon.
 //
 // The MoE expert MLP runs fused (`grouped_swiglu`): the rows of each expert are gathered from the
 // token activations while x is packed, the gate/up GEMM's epilogue writes silu(gate) * up (its
 // weight is packed "gated": each panel holds 8 gate columns and the same 8 up columns, so one
 // micro-tile has both), and the down GEMM's epilogue scales each row by its routing weight and
 // adds it into its token's output row. No [rows, 2I] activation, gathered copy of x or
-// [rows, H] expert output is ever written.
+// [rows, H] expert output is ever written. The epilogues are written once, for the AVX2 tiles;
+// the AVX-512 kernel hands them each row's 16 columns as two halves.
 #include <torch/extension.h>
 
 #include <omp.h>

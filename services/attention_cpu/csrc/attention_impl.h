@@ -294,7 +294,9 @@ void run_item(const AttnArgs& a, const WorkItem& w, Scratch& sc, float* out, flo
 
   start_item(a, w, sc);
   // Scores of kv head h, block b of the chunk: rows of ss floats by head.
-  auto scores = [&](int h, int b, int cb) { return sc.s.data() + int64_t(h) * G * ss + (b - cb) * B; };
+  auto scores = [&](int h, int b, int cb) {
+    return sc.s.data() + int64_t(h) * G * ss + (b - cb) * B;
+  };
   for (int cb = first; cb < last; cb += sc.blocks_per_chunk) {
     const int ce = cb + sc.blocks_per_chunk < last ? cb + sc.blocks_per_chunk : last;
     for (int b = cb; b < ce; ++b)

@@ -2,9 +2,10 @@
 //
 // Layout: q [R, Hq, D] fp32; k_pool [N, Hkv, D, B] and v_pool [N, Hkv, B, D], fp32/fp16/bf16;
 // each (block, kv head) is one contiguous run, K's transposed (tokens contiguous: they are the
-// score vectors' lanes), V's by token (head_dim in the lanes of the output). The kernel body (attention_impl.h) is compiled three times:
-// scalar, AVX2+FMA+F16C and AVX-512, each under its own target pragma; the caller picks the ISA
-// at run time (kernel.py asks `supported_isas`), so the file is built without -march flags.
+// score vectors' lanes), V's by token (head_dim in the lanes of the output). The kernel body
+// (attention_impl.h) is compiled three times: scalar, AVX2+FMA+F16C and AVX-512, each under its
+// own target pragma; the caller picks the ISA at run time (kernel.py asks `supported_isas`), so
+// the file is built without -march flags.
 // Work is split into (row, token range) items scheduled dynamically over OpenMP threads; long
 // contexts are split so that a batch of one still keeps every thread busy.
 #include <torch/extension.h>
