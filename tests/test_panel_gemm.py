@@ -31,7 +31,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 # M around the 6- and 12-row micro-kernels and the 144- and 576-row blocks, N around the
-# 16-column panel and 32-column pair, K past the 256- and 1024-deep reduction blocks (so partial
+# 16-column panel and 32-column pair, K past the 128- and 1024-deep reduction blocks (so partial
 # sums are carried over).
 @pytest.mark.parametrize("m", [1, 5, 6, 7, 12, 13, 143, 144, 145, 301, 577])
 @pytest.mark.parametrize("n,k", [(16, 8), (17, 33), (48, 257), (100, 1024), (48, 1030),
@@ -124,7 +124,7 @@ def test_gated_pack_round_trips():
         panel_gemm.swiglu(torch.randn(2, 5), panel_gemm.pack(w[0]))
 
 
-# I around the 8-column half panel, K past the 256- and 1024-deep blocks (partial sums carried
+# I around the 8-column half panel, K past the 128- and 1024-deep blocks (partial sums carried
 # over), M past the 144-row block.
 @pytest.mark.parametrize("m", [1, 7, 145])
 @pytest.mark.parametrize("inter,k", [(8, 16), (37, 64), (64, 1030), (21, 2051)])

@@ -13,7 +13,7 @@
 //   the W panels; x is packed cooperatively. A bench-mixtral MoE layer ran 4.0x / 2.1x / 1.25x
 //   faster than with MKL at 4 / 64 / 1024 rows per expert on Zen 3.
 // - AVX-512, 12 x 32 (two adjacent panels, 24 zmm accumulators), run_zmm below: x packed over
-//   the whole depth per L2-sized block of rows, each 256-deep W slice of a pair of panels
+//   the whole depth per L2-sized block of rows, each 128-deep W slice of a pair of panels
 //   L1-resident for every micro-panel of the block, partial sums carried between slices, so
 //   each output is written once. 1.2x / 1.45x / 1.02x MKL at 4 / 64 / 1024 rows per expert on a
 //   Sapphire Rapids Xeon.
@@ -49,7 +49,7 @@ using namespace moelens::panel;
 constexpr int KC = 1024;  // reduction depth per block
 constexpr int MC = 144;   // rows of x per block (24 micro-panels)
 
-constexpr int KC_ZMM = 128;  // the AVX-512 kernel's slice depth: [256][32] W is 32 KiB (L1)
+constexpr int KC_ZMM = 128;  // the AVX-512 kernel's slice depth: [128][32] W is 16 KiB (L1)
 constexpr int MC_ZMM = 576;  // at most this many rows of x per block
 constexpr int64_t XPACK_BYTES_ZMM = 1 << 20;  // a packed x block [rows][K] within L2
 constexpr int ZMM_MIN_ROWS_PER_THREAD = 96;  // from here on threads split the rows, not panels
