@@ -149,11 +149,12 @@ def test_swiglu_epilogue_saturates_like_torch():
 
 
 @pytest.mark.parametrize("t,h,inter,e", [(70, 48, 40, 8), (9, 20, 1030, 4), (300, 1040, 24, 6),
-                                         (300, 1024, 2048, 2)])
+                                         (300, 1024, 2048, 2), (400, 64, 2048, 4)])
 def test_fused_grouped_experts_match_loop(t, h, inter, e, isa):
     """The fused MoE call (gather, SwiGLU epilogue, weighted scatter-add) against the per-token
     loop on plain weights: ragged and empty experts, H off the panel width, I or H past KC, and
-    more rows per expert than one packed block of x holds (for both depths, H and I)."""
+    more rows per expert than one packed block of x holds (for both depths, H and I), and
+    experts whose row counts take different blockings (the shared x buffer serves them all)."""
     gen = torch.Generator().manual_seed(t + h + inter)
     x = torch.randn(t, h, generator=gen)
     gate_up = torch.randn(e, 2 * inter, h, generator=gen) * h ** -0.5

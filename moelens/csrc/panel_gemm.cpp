@@ -60,6 +60,29 @@ int zmm_block_rows(int64_t K) {
   return int(std::clamp<int64_t>(rows, MR_ZMM, MC_ZMM));
 }
 
+// How run_zmm blocks the rows of an [M, K] operand over `threads`: with rows enough for a
+// block per thread the threads split the rows (equal blocks, a whole number per thread, each
+// thread packing its own), otherwise the panels (one packed block at a time, shared).
+struct ZmmPlan {
+  bool by_rows;
+  int64_t num_blocks;
+  int block;              // rows per block, a multiple of MR_ZMM (<= zmm_block_rows(K))
+  int64_t pack_floats;    // packed x for a block per thread, or one shared, at any M' <= M
+};
+
+ZmmPlan zmm_plan(int64_t M, int64_t K, int threads) {
+  const int mcb = zmm_block_rows(K);
+  const bool by_rows = M >= int64_t(threads) * ZMM_MIN_ROWS_PER_THREAD;
+  const int64_t per_thread = (M + int64_t(threads) * mcb - 1) / (int64_t(threads) * mcb);
+  const int64_t num_blocks = std::max<int64_t>(1, by_rows ? per_thread * threads
+                                                         : (M + mcb - 1) / mcb);
+  const int block = int((M + num_blocks - 1) / num_blocks + MR_ZMM - 1) / MR_ZMM * MR_ZMM;
+  // The block does not grow with M, so a bound over every M' <= M (one buffer serves all the
+  // experts of a layer, sized for the widest): the rows rounded up, at most a full block.
+  const int64_t widest = std::min<int64_t>((M + MR_ZMM - 1) / MR_ZMM * MR_ZMM, mcb);
+  return {by_rows, num_blocks, block, (by_rows ? threads : 1) * widest * K};
+}
+
 // The micro-kernel the GEMMs run: the widest this CPU has, unless pinned (tests, A/B).
 enum class Isa : int { kAvx2 = 1, kAvx512 = 2 };
 
@@ -195,37 +218,32 @@ MOELENS_AVX512 void zmm_block(const float* xpack, int64_t m0, int mc, const floa
   }
 }
 
-// run() on the AVX-512 kernel. x is packed per block of rows over the whole depth K (a block
-// stays in L2). With rows enough for a block per thread, the threads split the rows, each
-// packing its own blocks and running them against every panel (no barrier; each streams W,
-// mostly from the L3). Otherwise (a decode step's tens of rows per expert) they split the panels
-// and share each packed block.
+// run() on the AVX-512 kernel (zmm_plan): x is packed per block of rows over the whole depth K
+// (a block stays in L2). Split by rows, each thread packs its own blocks into its slice of
+// `xpack` and runs them against every panel (no barrier; each streams W, mostly from the L3);
+// split by panels (a decode step's tens of rows per expert), the team shares each packed block.
 template <class Out>
 void run_zmm(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const Out& out,
              float* xpack, int num_threads) {
-  const int mcb = zmm_block_rows(K);
-  const bool by_rows = M >= int64_t(num_threads) * ZMM_MIN_ROWS_PER_THREAD;
-  // by rows: equal blocks, a whole number per thread
-  const int64_t per_thread = (M + int64_t(num_threads) * mcb - 1) / (int64_t(num_threads) * mcb);
-  const int64_t num_blocks = by_rows ? per_thread * num_threads : (M + mcb - 1) / mcb;
-  const int block = int((M + num_blocks - 1) / num_blocks + MR_ZMM - 1) / MR_ZMM * MR_ZMM;
+  const ZmmPlan plan = zmm_plan(M, K, num_threads);
+  const int block = plan.block;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> sums(size_t((block + MR_ZMM - 1) / MR_ZMM) * MR_ZMM * 2 * NR);
-    if (by_rows) {
-      std::vector<float> own(size_t(block) * K);
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
+    std::vector<float> sums(size_t(block) * 2 * NR);  // [block][2 panels][16]
+    if (plan.by_rows) {
+      float* own = xpack + int64_t(me) * block * K;
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < num_blocks; ++b) {
+      for (int64_t b = 0; b < plan.num_blocks; ++b) {
         const int64_t m0 = b * block;
         const int mc = int(std::min<int64_t>(block, M - m0));
         if (mc <= 0) continue;
         for (int mp = 0; mp * MR_ZMM < mc; ++mp)
           pack_micro_panel(x, m0 + mp * MR_ZMM, std::min(MR_ZMM, mc - mp * MR_ZMM), 0, int(K),
-                           own.data() + int64_t(mp) * K * MR_ZMM, MR_ZMM);
-        zmm_block(own.data(), m0, mc, wp, 0, P, K, out, sums.data());
+                           own + int64_t(mp) * K * MR_ZMM, MR_ZMM);
+        zmm_block(own, m0, mc, wp, 0, P, K, out, sums.data());
       }
     } else {
-      const int team = omp_get_num_threads(), me = omp_get_thread_num();
       const int64_t pairs = (P + 1) / 2;
       const int64_t p0 = 2 * (pairs * me / team);
       const int64_t p1 = std::min(P, 2 * (pairs * (me + 1) / team));
@@ -241,7 +259,7 @@ void run_zmm(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, co
 #endif
 
 // x[M, K] (gathered through `x.index`) times the panels wp[P, K, 16], each finished tile handed
-// to `out`. `xpack` holds one packed MC x KC block (pack_buffer).
+// to `out`. `xpack`: pack_buffer's scratch for this operand.
 template <class Out>
 void run(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const Out& out,
          float* xpack, int num_threads) {
@@ -283,20 +301,17 @@ void run(const Rows& x, const float* wp, int64_t M, int64_t P, int64_t K, const 
 #endif
 }
 
-// Floats of one packed block of x for an [M, K] operand: MC x KC (AVX2), or rows x K (AVX-512).
-int64_t pack_floats(int64_t M, int64_t K) {
-  if (isa_in_use() == Isa::kAvx512) {
-    const int64_t mc = std::min<int64_t>(zmm_block_rows(K), M);
-    return (mc + MR_ZMM - 1) / MR_ZMM * MR_ZMM * K;
-  }
+// Floats of packed x that run() needs for an [M, K] operand on `threads` threads.
+int64_t pack_floats(int64_t M, int64_t K, int threads) {
+  if (isa_in_use() == Isa::kAvx512) return zmm_plan(M, K, threads).pack_floats;
   const int64_t mc = std::min<int64_t>(MC, M), kc = std::min<int64_t>(KC, K);
   return (mc + MR - 1) / MR * MR * kc;
 }
 
-// Scratch for the packed blocks of x of [M, K] operands, for each K in `depths`.
-std::vector<float> pack_buffer(int64_t M, std::initializer_list<int64_t> depths) {
+// Scratch for the packed x of [M, K] operands, for each K in `depths`.
+std::vector<float> pack_buffer(int64_t M, std::initializer_list<int64_t> depths, int threads) {
   int64_t floats = 0;
-  for (const int64_t K : depths) floats = std::max(floats, pack_floats(M, K));
+  for (const int64_t K : depths) floats = std::max(floats, pack_floats(M, K, threads));
   return std::vector<float>(size_t(floats));
 }
 
@@ -367,7 +382,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t ou
   if (x.size(1) == 0) return y.zero_();
   {
     pybind11::gil_scoped_release no_gil;
-    auto xpack = pack_buffer(x.size(0), {x.size(1)});
+    auto xpack = pack_buffer(x.size(0), {x.size(1)}, int(num_threads));
 #if MOELENS_PANEL_X86
     run(Rows{xc.data_ptr<float>(), xc.stride(0), nullptr}, wc.data_ptr<float>(), x.size(0),
         wc.size(0), x.size(1), StoreOut{y.data_ptr<float>(), out_features}, xpack.data(),
@@ -401,7 +416,7 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t in
   if (x.size(0) == 0) return h;
   {
     pybind11::gil_scoped_release no_gil;
-    auto xpack = pack_buffer(x.size(0), {x.size(1)});
+    auto xpack = pack_buffer(x.size(0), {x.size(1)}, int(num_threads));
     std::vector<float> partial;
 #if MOELENS_PANEL_X86
     swiglu_rows(Rows{xc.data_ptr<float>(), xc.stride(0), nullptr}, x.size(0), x.size(1),
@@ -453,7 +468,7 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& pair_t
   if (R == 0) return out;
   {
     pybind11::gil_scoped_release no_gil;
-    auto xpack = pack_buffer(widest, {H, inter});
+    auto xpack = pack_buffer(widest, {H, inter}, int(num_threads));
     std::unique_ptr<float[]> h(new float[size_t(widest * inter)]);  // [rows, I], not zeroed
     std::vector<float> partial;
 #if MOELENS_PANEL_X86
