@@ -162,15 +162,18 @@ template <class Tag>
 void av_block(Probs p, int group, const typename Tag::type* v, int n, int dim, float* acc,
               int dp, const void* next, int64_t next_bytes) {
   Prefetch pf(next, next_bytes, dim / (2 * W) * ((n + kTokensPerStep - 1) / kTokensPerStep));
-  for (int h = 0; h < group; h += 4) {
+  for (int h = 0, nh; h < group; h += nh) {
+    const int left = group - h;
+    nh = left >= 8 ? 8 : left >= 4 ? 4 : left;
     const Probs ph = p.heads_from(h);
     float* ah = acc + h * dp;
     Prefetch* f = h == 0 ? &pf : nullptr;
-    switch (group - h) {
+    switch (nh) {
       case 1: av_heads<Tag, 1>(ph, v, n, dim, ah, dp, f); break;
       case 2: av_heads<Tag, 2>(ph, v, n, dim, ah, dp, f); break;
       case 3: av_heads<Tag, 3>(ph, v, n, dim, ah, dp, f); break;
-      default: av_heads<Tag, 4>(ph, v, n, dim, ah, dp, f); break;
+      case 4: av_heads<Tag, 4>(ph, v, n, dim, ah, dp, f); break;
+      default: av_heads<Tag, 8>(ph, v, n, dim, ah, dp, f); break;
     }
   }
   pf.finish();

@@ -155,13 +155,7 @@ struct VecAvx512 {
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static float hmax(R x) { return _mm512_reduce_max_ps(x); }
   static float hsum(R x) { return _mm512_reduce_add_ps(x); }
-  // exp_avx2 (simd_exp.h) on each half: one polynomial for every ISA, and the softmax's one exp
-  // per score is small beside the score's FMAs.
-  static R exp(R x) {
-    const __m256 lo = exp_avx2(_mm512_castps512_ps256(x));
-    const __m256 hi = exp_avx2(_mm512_extractf32x8_ps(x, 1));
-    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-  }
+  static R exp(R x) { return exp_avx512(x); }  // simd_exp.h (moelens/csrc/common)
 };
 
 #pragma GCC pop_options
