@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import socket
 import time
 from dataclasses import dataclass
@@ -56,14 +57,26 @@ def resolve_bench_model(spec: str, cache_dir: Path | None = None) -> str:
     return str(folder)
 
 
-def free_port_run(count: int = 3, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A port p with p .. p+count-1 free now (the launcher puts the services' /metrics there)."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for port-0 binds and outgoing connections (Linux; IANA elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def free_port_run(count: int = 3, host: str = "127.0.0.1", attempts: int = 200) -> int:
+    """A port p with p .. p+count-1 free now (the launcher puts the services' /metrics there).
+
+    Drawn below the kernel's ephemeral range: the services that start next bind their gRPC
+    ports with port 0 and open client connections, and either can take an ephemeral port
+    between this check and the bind (a CI run lost the coordinator that way)."""
+    low, high = _ephemeral_range()
+    lo, hi = (10000, low - count) if low - count > 10000 else (high + 1, 65536 - count)
+    rng = random.Random()
     for _ in range(attempts):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
+        base = rng.randrange(lo, hi)
         try:
             for port in range(base, base + count):
                 with socket.socket() as s:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 import grpc
@@ -15,6 +14,7 @@ from moelens.errors import Unavailable
 from moelens.grpc_server import start_server
 from moelens.metrics_server import RpcMetrics, serve_metrics, start_metrics_server
 from moelens.stats import PredictionStats, RequestStats, StepStats, StepTimings
+from moelens_cli.bench_common import free_port_run
 from services.attention_cpu.metrics import AttentionMetrics
 from services.coordinator.metrics import BOTTLENECK_RESOURCES, CoordinatorMetrics
 from services.expert_gpu.metrics import ExpertMetrics
@@ -205,17 +205,11 @@ def fetch(port: int) -> str:
         return reply.read().decode()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_metrics_endpoint_serves_exposition():
     registry = CollectorRegistry()
     metrics = CoordinatorMetrics(registry)
     metrics.observe_step(step_stats())
-    port = start_metrics_server(free_port(), registry)
+    port = start_metrics_server(free_port_run(1), registry)
     families = {f.name: f for f in text_string_to_metric_families(fetch(port))}
     assert families["moelens_prompt_tokens"].type == "counter"
     assert families["moelens_step_phase_seconds"].type == "histogram"

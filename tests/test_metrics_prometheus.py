@@ -8,7 +8,6 @@ through Prometheus' HTTP query API.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from moelens.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from moelens_cli.bench_common import free_port_run
 from services_fixture import running_services
 from test_deploy import require_tool
 
@@ -52,29 +52,6 @@ PREDICTION_CHECKS = {
 }
 
 
-def free_port_block(count: int) -> int:
-    """A base port whose `count` consecutive ports are free on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no block of free ports found")
-
-
 def write_prometheus_config(path: Path, metrics_base: int) -> None:
     """Like deploy/prometheus/prometheus.yml, with the local processes' loopback ports."""
     jobs = [{"job_name": name, "honor_labels": True,
@@ -93,7 +70,7 @@ class Prometheus:
         binary = require_tool("prometheus")
         config = tmp_path / "prometheus.yml"
         write_prometheus_config(config, metrics_base)
-        self.port = free_port_block(1)
+        self.port = free_port_run(1)
         self.log_path = tmp_path / "prometheus.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -180,7 +157,7 @@ def unanswered(prometheus: Prometheus, checks: dict[str, str]) -> list[str]:
 @pytest.fixture(scope="module")
 def scraped(tiny_checkpoints, tmp_path_factory):
     """Prometheus scraping the three services, after a job ran through them (still running)."""
-    metrics_base = free_port_block(len(SERVICES))
+    metrics_base = free_port_run(len(SERVICES))
     prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), metrics_base)
     try:
         prometheus.wait_ready()
