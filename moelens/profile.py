@@ -49,6 +49,12 @@ class HardwareProfile:
     """FLOPs per token of the layer the GEMM line was measured on (rescales it to other models)."""
     gemm_layer_weight_bytes: float
     """Weight bytes of the measured layer (rescales the intercept, which is mostly weight reads)."""
+    gemm_curve_tokens: tuple[int, ...] = ()
+    """Token counts the GEMM of the measured layer was timed at (strictly increasing, from 1
+    where the expert service measured it); empty when only the line is known."""
+    gemm_curve_s: tuple[float, ...] = ()
+    """Seconds at each of gemm_curve_tokens: the performance model interpolates between them
+    (the line alone overstates iterations of a few tokens, which read only the experts picked)."""
     device: str = ""
     """Free text: what was measured (e.g. 'cuda:0 NVIDIA A40', 'cpu 2 threads')."""
     dtype: str = "float32"
@@ -67,12 +73,33 @@ class HardwareProfile:
                                  f"`moe-lens profile` to measure it")
             if value < 0:
                 raise ValueError(f"profile field {name} must be >= 0, got {value!r}")
+        self._check_curve()
         if not isinstance(self.is_accelerator_separate, bool):
             raise ValueError("profile field is_accelerator_separate must be true or false, got "
                              f"{self.is_accelerator_separate!r}")
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"profile field schema_version is {self.schema_version!r}; this "
                              f"version reads {SCHEMA_VERSION}: re-run `moe-lens profile`")
+
+    def _check_curve(self) -> None:
+        """Lists from JSON become tuples; lengths match, tokens rise from 1, seconds are > 0."""
+        for name in ("gemm_curve_tokens", "gemm_curve_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"profile field {name} must be a list, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        tokens, seconds = self.gemm_curve_tokens, self.gemm_curve_s
+        if len(tokens) != len(seconds):
+            raise ValueError(f"profile fields gemm_curve_tokens ({len(tokens)}) and gemm_curve_s "
+                             f"({len(seconds)}) must have the same length")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in tokens) \
+                or any(b <= a for a, b in zip(tokens, tokens[1:])):
+            raise ValueError("profile field gemm_curve_tokens must be strictly increasing "
+                             f"integers >= 1, got {list(tokens)}")
+        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+               or t <= 0 for t in seconds):
+            raise ValueError(f"profile field gemm_curve_s must be finite numbers > 0, got "
+                             f"{list(seconds)}")
 
     @property
     def gemm_flops_per_s(self) -> float:

@@ -154,7 +154,8 @@ def median_profile(profiles: list):
     """One profile from repeated warmups, each measurement at its median: the machine is shared,
     and the job that follows runs under the typical load, not the least-disturbed moment (the
     warmup already keeps the best of its own few repeats). The GEMM line goes through the
-    median times at the two ends of its measured range."""
+    median times at the two ends of its measured range, and the curve is each point's median
+    (dropped if the warmups timed different counts)."""
     def mid(values) -> float:
         return float(statistics.median(values))
 
@@ -164,8 +165,12 @@ def median_profile(profiles: list):
     lo, hi = LINE_ENDS
     t_lo, t_hi = mid(at(p, lo) for p in profiles), mid(at(p, hi) for p in profiles)
     slope = max((t_hi - t_lo) / (hi - lo), 1e-12)
+    tokens = profiles[0].gemm_curve_tokens
+    same = all(p.gemm_curve_tokens == tokens for p in profiles)
+    curve = tuple(mid(p.gemm_curve_s[i] for p in profiles) for i in range(len(tokens)))
     return replace(
         profiles[0], gemm_slope_s_per_token=slope, gemm_intercept_s=max(0.0, t_lo - slope * lo),
+        gemm_curve_tokens=tokens if same else (), gemm_curve_s=curve if same else (),
         **{name: mid(getattr(p, name) for p in profiles) for name in (
             "io_bandwidth_bytes_per_s", "attention_kv_bytes_per_s",
             "host_memory_bandwidth_bytes_per_s", "exchange_fixed_s", "exchange_s_per_byte")})

@@ -102,8 +102,8 @@ def test_table_lines_name_every_point():
 
 # Profile combination and calibration fit ---------------------------------------------------------
 
-def _profile(a: float, b: float, xf: float = 1e-3) -> HardwareProfile:
-    return HardwareProfile(io_bandwidth_bytes_per_s=1e9, gemm_intercept_s=a,
+def _profile(a: float, b: float, xf: float = 1e-3, curve=((), ())) -> HardwareProfile:
+    return HardwareProfile(gemm_curve_tokens=curve[0], gemm_curve_s=curve[1],io_bandwidth_bytes_per_s=1e9, gemm_intercept_s=a,
                            gemm_slope_s_per_token=b, attention_kv_bytes_per_s=2e9,
                            host_memory_bandwidth_bytes_per_s=8e9, exchange_fixed_s=xf,
                            exchange_s_per_byte=1e-9, is_accelerator_separate=False,
@@ -117,6 +117,15 @@ def test_median_profile_takes_the_line_through_median_end_times():
     assert mid.gemm_intercept_s + mid.gemm_slope_s_per_token * lo == pytest.approx(0.012 + 1.2e-4 * lo)
     assert mid.gemm_intercept_s + mid.gemm_slope_s_per_token * hi == pytest.approx(0.012 + 1.2e-4 * hi)
     assert mid.exchange_fixed_s == pytest.approx(1e-3)
+
+
+def test_median_profile_takes_each_curve_point_at_its_median():
+    curves = [((1, 32), (1e-3, 4e-3)), ((1, 32), (3e-3, 2e-3)), ((1, 32), (2e-3, 9e-3))]
+    mid = bench.median_profile([_profile(0.01, 1e-4, curve=c) for c in curves])
+    assert mid.gemm_curve_tokens == (1, 32) and mid.gemm_curve_s == pytest.approx((2e-3, 4e-3))
+    mixed = bench.median_profile([_profile(0.01, 1e-4, curve=c)
+                                  for c in (curves[0], ((1, 64), (1e-3, 4e-3)))])
+    assert mixed.gemm_curve_tokens == () and mixed.gemm_curve_s == ()
 
 
 def test_prefill_attention_fit_recovers_a_known_line():

@@ -275,7 +275,8 @@ def test_bad_workload():
 # Profile JSON -----------------------------------------------------------------------------------
 
 def test_profile_round_trip(tmp_path):
-    profile = make_profile(mixtral_spec(), device="cuda:0 test")
+    profile = make_profile(mixtral_spec(), device="cuda:0 test", gemm_curve_tokens=(1, 32),
+                           gemm_curve_s=(1e-4, 2e-3))
     save_profile(profile, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == profile
 
@@ -288,7 +289,14 @@ def test_profile_round_trip(tmp_path):
     (lambda d: d.update(host_memory_bandwidth_bytes_per_s="fast"), "host_memory_bandwidth"),
     (lambda d: d.update(is_accelerator_separate="yes"), "is_accelerator_separate"),
     (lambda d: d.update(bogus=1), "bogus"),
-    (lambda d: d.update(schema_version=99), "schema_version")])
+    (lambda d: d.update(schema_version=99), "schema_version"),
+    (lambda d: d.update(gemm_curve_tokens=[1, 2], gemm_curve_s=[1e-3]), "same length"),
+    (lambda d: d.update(gemm_curve_tokens=[2, 2], gemm_curve_s=[1e-3, 2e-3]),
+     "gemm_curve_tokens must be strictly increasing"),
+    (lambda d: d.update(gemm_curve_tokens=[0], gemm_curve_s=[1e-3]), "gemm_curve_tokens"),
+    (lambda d: d.update(gemm_curve_tokens=[1], gemm_curve_s=[-1e-3]), "gemm_curve_s"),
+    (lambda d: d.update(gemm_curve_tokens=[1], gemm_curve_s=[float("inf")]), "gemm_curve_s"),
+    (lambda d: d.update(gemm_curve_s=3.0), "gemm_curve_s must be a list")])
 def test_bad_profiles_name_the_field(tmp_path, change, field):
     raw = make_profile(mixtral_spec()).to_dict()
     change(raw)

@@ -132,12 +132,41 @@ def test_small_iterations_read_only_the_experts_picked():
     from services.coordinator.perf_model_iteration import gemm_line
     spec, profile = default_spec_and_profile()
     line = gemm_line(spec, profile)
-    assert line.intercept_at(0) == 0.0
-    assert line.intercept_at(10_000) == pytest.approx(line.intercept_s)
+    assert line.seconds_at(0) == 0.0
+    n = 10_000
+    assert line.seconds_at(n) == pytest.approx(line.intercept_s + line.slope_s_per_token * n)
     # one token picks 2 of 8 experts: 3/4 of the experts' share of the intercept is not paid
-    one = line.intercept_s - 0.75 * line.expert_intercept_s
-    assert line.intercept_at(1) == pytest.approx(one)
-    assert line.intercept_at(1) < line.intercept_at(4) < line.intercept_at(32)
+    one = line.intercept_s - 0.75 * line.expert_intercept_s + line.slope_s_per_token
+    assert line.seconds_at(1) == pytest.approx(one)
+    assert line.seconds_at(1) < line.seconds_at(4) < line.seconds_at(32)
+
+
+def test_measured_curve_prices_the_profiled_layer_at_its_points():
+    """With a curve, a one-layer model shaped like the profiled layer costs what was measured at
+    each timed count, and in between lies between its neighbours."""
+    from dataclasses import replace
+
+    from services.coordinator.perf_model_iteration import gemm_line
+    spec, profile = default_spec_and_profile()
+    one_layer = replace(spec, num_layers=1, layer_attention_bytes=spec.layer_attention_bytes[:1],
+                        layer_mlp_bytes=spec.layer_mlp_bytes[:1],
+                        layer_flops_per_token=spec.layer_flops_per_token[:1])
+    assert one_layer.layer_weight_bytes(0) == pytest.approx(profile.gemm_layer_weight_bytes)
+    a, b = profile.gemm_intercept_s, profile.gemm_slope_s_per_token
+    tokens = (1, 4, 32, 256)
+    seconds = (0.4 * a, 0.6 * a, a + b * 32 * 1.1, a + b * 256)  # bends below the line at 1 and 4
+    curved = replace(profile, gemm_curve_tokens=tokens, gemm_curve_s=seconds)
+    line = gemm_line(one_layer, curved)
+    for n, t in zip(tokens, seconds):
+        assert line.seconds_at(n) == pytest.approx(t)
+    assert seconds[1] < line.seconds_at(16) < seconds[2]
+    # beyond the last point the ratio stays at its end value (1 here: the line itself)
+    assert line.seconds_at(4096) == pytest.approx(a + b * 4096)
+    # the whole model scales the same curve; no curve keeps the pick-fraction correction
+    full = gemm_line(spec, curved)
+    assert full.seconds_at(1) == pytest.approx(
+        0.4 * a / (a + b) * (full.intercept_s + full.slope_s_per_token))
+    assert gemm_line(spec, profile).seconds_at(1) != pytest.approx(line.seconds_at(1))
 
 
 def test_step_overheads_add_per_iteration_and_per_sequence():

@@ -207,3 +207,6 @@ def test_profile_from_running_services(services, tiny_checkpoints, tmp_path):
     profile = load_profile(out)
     assert rc == 0 and profile.gemm_slope_s_per_token > 0 and profile.exchange_fixed_s > 0
     assert profile.attention_kv_bytes_per_s > 0 and profile.host_memory_bandwidth_bytes_per_s > 0
+    # the expert's warmup curve crosses the proto: every count from 1 token, each timed
+    assert profile.gemm_curve_tokens[:2] == (1, 2) and len(profile.gemm_curve_s) == len(
+        profile.gemm_curve_tokens) and min(profile.gemm_curve_s) > 0

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from moelens.v1 import common_pb2 as moelens_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moelens/v1/expert.proto\x12\nmoelens.v1\x1a\x17moelens/v1/common.proto\"\x13\n\x11\x45xpertInfoRequest\"1\n\tLinearFit\x12\x13\n\x0bintercept_s\x18\x01 \x01(\x01\x12\x0f\n\x07slope_s\x18\x02 \x01(\x01\"\x83\x04\n\nExpertInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\"\n\x1a\x64\x65vice_memory_budget_bytes\x18\x08 \x01(\x03\x12\x1b\n\x13num_resident_layers\x18\t \x01(\x05\x12\x1b\n\x13num_streamed_layers\x18\n \x01(\x05\x12\x1a\n\x12weight_bytes_total\x18\x0b \x01(\x03\x12&\n\x1eweight_bytes_streamed_per_step\x18\x0c \x01(\x03\x12\x17\n\x0fh2d_bytes_per_s\x18\r \x01(\x01\x12)\n\nlayer_gemm\x18\x0e \x01(\x0b\x32\x15.moelens.v1.LinearFit\x12\x15\n\reos_token_ids\x18\x0f \x03(\x05\x12\x11\n\ttransport\x18\x10 \x01(\t\x12\x10\n\x08is_ready\x18\x11 \x01(\x08\x12\x16\n\x0emax_num_tokens\x18\x12 \x01(\x05\x12\x18\n\x10\x65xchange_fixed_s\x18\x13 \x01(\x01\x12\x1b\n\x13\x65xchange_s_per_byte\x18\x14 \x01(\x01\"\xbd\x01\n\x0cSequencePlan\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0estart_position\x18\x03 \x01(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0c\n\x04\x65mit\x18\x05 \x01(\x08\x12\x15\n\rnum_generated\x18\x06 \x01(\x05\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.moelens.v1.SamplingParams\x12\x0c\n\x04seed\x18\x08 \x01(\x03\"t\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12+\n\tsequences\x18\x02 \x03(\x0b\x32\x18.moelens.v1.SequencePlan\x12\x18\n\x10\x66inished_seq_ids\x18\x03 \x03(\x03\x12\x10\n\x08pipeline\x18\x04 \x01(\x08\"n\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\x85\x01\n\nStepOutput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12(\n\x06tokens\x18\x02 \x03(\x0b\x32\x18.moelens.v1.SampledToken\x12(\n\x07timings\x18\x03 \x01(\x0b\x32\x17.moelens.v1.StepTimings\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"$\n\x11\x45xpertFreeRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"\x14\n\x12\x45xpertFreeResponse2\x95\x02\n\rExpertService\x12=\n\x04Info\x12\x1d.moelens.v1.ExpertInfoRequest\x1a\x16.moelens.v1.ExpertInfo\x12?\n\x06Warmup\x12\x1d.moelens.v1.ExpertInfoRequest\x1a\x16.moelens.v1.ExpertInfo\x12\x34\n\x04Step\x12\x14.moelens.v1.StepPlan\x1a\x16.moelens.v1.StepOutput\x12N\n\rFreeSequences\x12\x1d.moelens.v1.ExpertFreeRequest\x1a\x1e.moelens.v1.ExpertFreeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moelens/v1/expert.proto\x12\nmoelens.v1\x1a\x17moelens/v1/common.proto\"\x13\n\x11\x45xpertInfoRequest\"1\n\tLinearFit\x12\x13\n\x0bintercept_s\x18\x01 \x01(\x01\x12\x0f\n\x07slope_s\x18\x02 \x01(\x01\"-\n\nCurvePoint\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xb5\x04\n\nExpertInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\"\n\x1a\x64\x65vice_memory_budget_bytes\x18\x08 \x01(\x03\x12\x1b\n\x13num_resident_layers\x18\t \x01(\x05\x12\x1b\n\x13num_streamed_layers\x18\n \x01(\x05\x12\x1a\n\x12weight_bytes_total\x18\x0b \x01(\x03\x12&\n\x1eweight_bytes_streamed_per_step\x18\x0c \x01(\x03\x12\x17\n\x0fh2d_bytes_per_s\x18\r \x01(\x01\x12)\n\nlayer_gemm\x18\x0e \x01(\x0b\x32\x15.moelens.v1.LinearFit\x12\x15\n\reos_token_ids\x18\x0f \x03(\x05\x12\x11\n\ttransport\x18\x10 \x01(\t\x12\x10\n\x08is_ready\x18\x11 \x01(\x08\x12\x16\n\x0emax_num_tokens\x18\x12 \x01(\x05\x12\x18\n\x10\x65xchange_fixed_s\x18\x13 \x01(\x01\x12\x1b\n\x13\x65xchange_s_per_byte\x18\x14 \x01(\x01\x12\x30\n\x10layer_gemm_curve\x18\x15 \x03(\x0b\x32\x16.moelens.v1.CurvePoint\"\xbd\x01\n\x0cSequencePlan\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0estart_position\x18\x03 \x01(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0c\n\x04\x65mit\x18\x05 \x01(\x08\x12\x15\n\rnum_generated\x18\x06 \x01(\x05\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.moelens.v1.SamplingParams\x12\x0c\n\x04seed\x18\x08 \x01(\x03\"t\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12+\n\tsequences\x18\x02 \x03(\x0b\x32\x18.moelens.v1.SequencePlan\x12\x18\n\x10\x66inished_seq_ids\x18\x03 \x03(\x03\x12\x10\n\x08pipeline\x18\x04 \x01(\x08\"n\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\x85\x01\n\nStepOutput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12(\n\x06tokens\x18\x02 \x03(\x0b\x32\x18.moelens.v1.SampledToken\x12(\n\x07timings\x18\x03 \x01(\x0b\x32\x17.moelens.v1.StepTimings\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"$\n\x11\x45xpertFreeRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"\x14\n\x12\x45xpertFreeResponse2\x95\x02\n\rExpertService\x12=\n\x04Info\x12\x1d.moelens.v1.ExpertInfoRequest\x1a\x16.moelens.v1.ExpertInfo\x12?\n\x06Warmup\x12\x1d.moelens.v1.ExpertInfoRequest\x1a\x16.moelens.v1.ExpertInfo\x12\x34\n\x04Step\x12\x14.moelens.v1.StepPlan\x1a\x16.moelens.v1.StepOutput\x12N\n\rFreeSequences\x12\x1d.moelens.v1.ExpertFreeRequest\x1a\x1e.moelens.v1.ExpertFreeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTINFOREQUEST']._serialized_end=83
   _globals['_LINEARFIT']._serialized_start=85
   _globals['_LINEARFIT']._serialized_end=134
-  _globals['_EXPERTINFO']._serialized_start=137
-  _globals['_EXPERTINFO']._serialized_end=652
-  _globals['_SEQUENCEPLAN']._serialized_start=655
-  _globals['_SEQUENCEPLAN']._serialized_end=844
-  _globals['_STEPPLAN']._serialized_start=846
-  _globals['_STEPPLAN']._serialized_end=962
-  _globals['_SAMPLEDTOKEN']._serialized_start=964
-  _globals['_SAMPLEDTOKEN']._serialized_end=1074
-  _globals['_STEPOUTPUT']._serialized_start=1077
-  _globals['_STEPOUTPUT']._serialized_end=1210
-  _globals['_EXPERTFREEREQUEST']._serialized_start=1212
-  _globals['_EXPERTFREEREQUEST']._serialized_end=1248
-  _globals['_EXPERTFREERESPONSE']._serialized_start=1250
-  _globals['_EXPERTFREERESPONSE']._serialized_end=1270
-  _globals['_EXPERTSERVICE']._serialized_start=1273
-  _globals['_EXPERTSERVICE']._serialized_end=1550
+  _globals['_CURVEPOINT']._serialized_start=136
+  _globals['_CURVEPOINT']._serialized_end=181
+  _globals['_EXPERTINFO']._serialized_start=184
+  _globals['_EXPERTINFO']._serialized_end=749
+  _globals['_SEQUENCEPLAN']._serialized_start=752
+  _globals['_SEQUENCEPLAN']._serialized_end=941
+  _globals['_STEPPLAN']._serialized_start=943
+  _globals['_STEPPLAN']._serialized_end=1059
+  _globals['_SAMPLEDTOKEN']._serialized_start=1061
+  _globals['_SAMPLEDTOKEN']._serialized_end=1171
+  _globals['_STEPOUTPUT']._serialized_start=1174
+  _globals['_STEPOUTPUT']._serialized_end=1307
+  _globals['_EXPERTFREEREQUEST']._serialized_start=1309
+  _globals['_EXPERTFREEREQUEST']._serialized_end=1345
+  _globals['_EXPERTFREERESPONSE']._serialized_start=1347
+  _globals['_EXPERTFREERESPONSE']._serialized_end=1367
+  _globals['_EXPERTSERVICE']._serialized_start=1370
+  _globals['_EXPERTSERVICE']._serialized_end=1647
 # @@protoc_insertion_point(module_scope)

@@ -20,8 +20,16 @@ class LinearFit(_message.Message):
     slope_s: float
     def __init__(self, intercept_s: _Optional[float] = ..., slope_s: _Optional[float] = ...) -> None: ...
 
+class CurvePoint(_message.Message):
+    __slots__ = ("tokens", "seconds")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    seconds: float
+    def __init__(self, tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class ExpertInfo(_message.Message):
-    __slots__ = ("model_path", "model_type", "device", "dtype", "num_layers", "vocab_size", "max_model_len", "device_memory_budget_bytes", "num_resident_layers", "num_streamed_layers", "weight_bytes_total", "weight_bytes_streamed_per_step", "h2d_bytes_per_s", "layer_gemm", "eos_token_ids", "transport", "is_ready", "max_num_tokens", "exchange_fixed_s", "exchange_s_per_byte")
+    __slots__ = ("model_path", "model_type", "device", "dtype", "num_layers", "vocab_size", "max_model_len", "device_memory_budget_bytes", "num_resident_layers", "num_streamed_layers", "weight_bytes_total", "weight_bytes_streamed_per_step", "h2d_bytes_per_s", "layer_gemm", "eos_token_ids", "transport", "is_ready", "max_num_tokens", "exchange_fixed_s", "exchange_s_per_byte", "layer_gemm_curve")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +50,7 @@ class ExpertInfo(_message.Message):
     MAX_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_FIXED_S_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_S_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_GEMM_CURVE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_type: str
     device: str
@@ -62,7 +71,8 @@ class ExpertInfo(_message.Message):
     max_num_tokens: int
     exchange_fixed_s: float
     exchange_s_per_byte: float
-    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_memory_budget_bytes: _Optional[int] = ..., num_resident_layers: _Optional[int] = ..., num_streamed_layers: _Optional[int] = ..., weight_bytes_total: _Optional[int] = ..., weight_bytes_streamed_per_step: _Optional[int] = ..., h2d_bytes_per_s: _Optional[float] = ..., layer_gemm: _Optional[_Union[LinearFit, _Mapping]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., is_ready: _Optional[bool] = ..., max_num_tokens: _Optional[int] = ..., exchange_fixed_s: _Optional[float] = ..., exchange_s_per_byte: _Optional[float] = ...) -> None: ...
+    layer_gemm_curve: _containers.RepeatedCompositeFieldContainer[CurvePoint]
+    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device_memory_budget_bytes: _Optional[int] = ..., num_resident_layers: _Optional[int] = ..., num_streamed_layers: _Optional[int] = ..., weight_bytes_total: _Optional[int] = ..., weight_bytes_streamed_per_step: _Optional[int] = ..., h2d_bytes_per_s: _Optional[float] = ..., layer_gemm: _Optional[_Union[LinearFit, _Mapping]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., is_ready: _Optional[bool] = ..., max_num_tokens: _Optional[int] = ..., exchange_fixed_s: _Optional[float] = ..., exchange_s_per_byte: _Optional[float] = ..., layer_gemm_curve: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ...) -> None: ...
 
 class SequencePlan(_message.Message):
     __slots__ = ("seq_id", "token_ids", "start_position", "block_ids", "emit", "num_generated", "sampling", "seed")

@@ -24,6 +24,8 @@ def profile_from_services(cfg: ModelConfig, expert_info, attention_info) -> Hard
         io_bandwidth_bytes_per_s=expert_info.h2d_bytes_per_s,
         gemm_intercept_s=expert_info.layer_gemm.intercept_s,
         gemm_slope_s_per_token=expert_info.layer_gemm.slope_s,
+        gemm_curve_tokens=tuple(p.tokens for p in expert_info.layer_gemm_curve),
+        gemm_curve_s=tuple(p.seconds for p in expert_info.layer_gemm_curve),
         attention_kv_bytes_per_s=attention_info.kv_read_bytes_per_s,
         host_memory_bandwidth_bytes_per_s=attention_info.host_read_bytes_per_s,
         exchange_fixed_s=expert_info.exchange_fixed_s,

@@ -3,8 +3,9 @@
 Both stages of the model price an iteration the same way, from a HardwareProfile:
 
     io        = streamed weight bytes / B_IO                       (the data mover)
-    gemm      = s · [Σ_l (a_l(n) + b_l · n) + rows_out · lm_head FLOPs / C]  (GEMM line per
-                layer; s = StepOverheads.gemm_scale, 1 unless measured in situ)
+    gemm      = s · [r(n) · Σ_l (a_l + b_l · n) + rows_out · lm_head FLOPs / C]  (GEMM line per
+                layer, r(n) its measured curve's bend; s = StepOverheads.gemm_scale, 1 unless
+                measured in situ)
     prefill   = L · Σ_fresh (c_seq + c_tok · l + 2·q_size·l²·c_flop) (expert-side causal attention)
     attention = KV bytes read / attention KV bandwidth + L · a_fix   (CPU paged attention: decode
                 rows and prompt chunks that continue a cached prefix; a_fix per call, 0 unless
@@ -24,14 +25,18 @@ iteration cannot end before all their bytes have crossed the socket (the minimum
 rate-capped flows sharing one pipe is max(D1/r1, D2/r2, (D1+D2)/B)). c = 1 for DMA to an
 accelerator, 2 on a CPU-only host where the copy reads and writes host memory.
 The GEMM line is rescaled from the profiled layer to each layer of the model: slope by FLOPs per
-token, intercept by weight bytes (the fixed part is mostly reading the weights once). Only the
-experts some token picks run, so at n tokens the experts' share of the intercept scales with the
-expected fraction of experts picked, 1 − (1 − k/E)^n: a straight line fitted at tens of tokens
-and more overstates an iteration of a few (one decode row touches k of E experts' weights).
+token, intercept by weight bytes (the fixed part is mostly reading the weights once). A straight
+line fitted at tens of tokens and more overstates an iteration of a few: one decode row touches
+k of E experts' weights, and small GEMMs run other kernels. Where the profile carries the
+layer's measured curve (the expert service times 1 … 1024 tokens), r(n) = curve(n) / line(n) on
+the profiled layer, interpolated linearly in n and held at its end values beyond the curve,
+scales the whole iteration's line. Without a curve, r(n) = 1 and the experts' share of the
+intercept scales with the expected fraction of experts picked, 1 − (1 − k/E)^n.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from moelens.profile import HardwareProfile
@@ -88,7 +93,7 @@ def place_weights(spec: ModelSpec, deployment: Deployment) -> Placement:
 
 @dataclass(frozen=True)
 class GemmLine:
-    """The GEMM line of a whole iteration: seconds = intercept + slope · tokens (+ lm_head rows)."""
+    """The GEMM time of a whole iteration at n tokens (see `seconds_at`), + lm_head rows."""
 
     intercept_s: float
     slope_s_per_token: float
@@ -97,13 +102,30 @@ class GemmLine:
     """The part of intercept_s that reads expert weights (scales with the experts picked)."""
     expert_pick_fraction: float = 1.0
     """k/E: the chance one token picks a given expert."""
+    curve_tokens: tuple[int, ...] = ()
+    curve_ratio: tuple[float, ...] = ()
+    """Measured / fitted-line seconds of the profiled layer at each of curve_tokens."""
 
-    def intercept_at(self, num_tokens: float) -> float:
-        """The fixed part at `num_tokens`: the experts no token picks are not read."""
+    def seconds_at(self, num_tokens: float) -> float:
+        """GEMM seconds of an iteration of `num_tokens` tokens, lm_head rows not included."""
         if num_tokens <= 0:
             return 0.0
+        linear = self.intercept_s + self.slope_s_per_token * num_tokens
+        if self.curve_tokens:
+            return linear * self._ratio(num_tokens)
         picked = 1.0 - (1.0 - self.expert_pick_fraction) ** num_tokens
-        return self.intercept_s - self.expert_intercept_s * (1.0 - picked)
+        return linear - self.expert_intercept_s * (1.0 - picked)
+
+    def _ratio(self, n: float) -> float:
+        """curve_ratio interpolated linearly in n, held at the end values outside the curve."""
+        xs, ys = self.curve_tokens, self.curve_ratio
+        i = bisect.bisect_left(xs, n)
+        if i == 0:
+            return ys[0]
+        if i == len(xs):
+            return ys[-1]
+        w = (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + w * (ys[i] - ys[i - 1])
 
 
 def gemm_line(spec: ModelSpec, profile: HardwareProfile) -> GemmLine:
@@ -112,9 +134,11 @@ def gemm_line(spec: ModelSpec, profile: HardwareProfile) -> GemmLine:
     intercept = sum(per_byte * spec.layer_weight_bytes(i) for i in range(spec.num_layers))
     slope = sum(b * f / profile.gemm_layer_flops_per_token for f in spec.layer_flops_per_token)
     is_moe = spec.num_experts > spec.top_k >= 1
+    ratio = tuple(t / (a + b * n) for n, t in zip(profile.gemm_curve_tokens, profile.gemm_curve_s))
     return GemmLine(intercept, slope, spec.head_flops_per_row / profile.gemm_flops_per_s,
                     expert_intercept_s=per_byte * sum(spec.layer_mlp_bytes) if is_moe else 0.0,
-                    expert_pick_fraction=spec.top_k / spec.num_experts if is_moe else 1.0)
+                    expert_pick_fraction=spec.top_k / spec.num_experts if is_moe else 1.0,
+                    curve_tokens=profile.gemm_curve_tokens, curve_ratio=ratio)
 
 
 @dataclass(frozen=True)
@@ -165,8 +189,7 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
     load = StepLoad(num_paged_rows=num_decode) if load is None else load
     over = StepOverheads() if overheads is None else overheads
     io = placement.streamed_bytes / profile.io_bandwidth_bytes_per_s
-    gemm = over.gemm_scale * (line.intercept_at(num_tokens) + line.slope_s_per_token * num_tokens
-                              + line.s_per_output_row * num_output_rows)
+    gemm = over.gemm_scale * (line.seconds_at(num_tokens) + line.s_per_output_row * num_output_rows)
     s_per_flop = over.prefill_attention_s_per_flop
     if s_per_flop is None:
         s_per_flop = 1.0 / profile.gemm_flops_per_s

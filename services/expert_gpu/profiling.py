@@ -1,10 +1,12 @@
 """Warmup measurements of the expert service: host->device bandwidth and the GEMM time line.
 
-The GEMM line is measured on this model's own layer 0 (projections + routed experts with tokens
-grouped per expert) at six token counts and fitted robustly (Theil-Sen,
-`moelens.profiler.fit_line`): the performance model derives n_real from its slope and intercept,
-and a least-squares fit through three points moved the budget between 421 and 1882 tokens from
-one start to the next.
+The GEMM curve is measured on this model's own layer 0 (projections + routed experts with tokens
+grouped per expert, routed by the real router) at token counts from 1 to 1024. The line is
+fitted robustly (Theil-Sen, `moelens.profiler.fit_line`) on the counts from 32 up: the
+performance model derives n_real from its slope and intercept, and a least-squares fit through
+three points moved the budget between 421 and 1882 tokens from one start to the next. Below 32
+tokens the curve bends away from the line (a decode row reads only the experts it picks), so the
+points themselves go to the performance model, which prices small iterations from them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class ExpertProfile:
     h2d_bytes_per_s: float
     gemm_intercept_s: float
     gemm_slope_s: float
+    gemm_curve: tuple[tuple[int, float], ...]
+    """(tokens, seconds) of every timed count: the points the line was fitted to and below."""
     exchange_fixed_s: float
     exchange_s_per_byte: float
 
@@ -50,10 +54,15 @@ def measure_h2d(worker, repeats: int = 3) -> float:
     return repeats * src.numel() * src.element_size() / max(seconds, 1e-9)
 
 
-def measure_gemm_line(worker, token_counts=(32, 64, 128, 256, 512, 1024)) -> tuple[float, float]:
-    """(intercept_s, slope_s) of one layer's GEMMs (attention replaced by zeros) vs tokens."""
+CURVE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LINE_MIN_TOKENS = 32
+"""The line is fitted on the counts from here up (the range n_real lives in)."""
+
+
+def measure_gemm_curve(worker, token_counts=CURVE_TOKENS) -> tuple[tuple[int, float], ...]:
+    """(tokens, best seconds) of one layer's GEMMs (attention replaced by zeros) per count."""
     cfg, lw = worker.cfg, worker.store.layer(0)
-    xs, ys = [], []
+    points = []
     for n in sorted({min(n, worker.config.max_num_tokens) for n in token_counts}):
         hidden = torch.randn(n, cfg.hidden_size, device=worker.device, dtype=worker.weights.embed.dtype)
         rope = rope_tables(torch.arange(n, device=worker.device), worker.runner.inv_freq,
@@ -65,12 +74,19 @@ def measure_gemm_line(worker, token_counts=(32, 64, 128, 256, 512, 1024)) -> tup
             pre_attention(cfg, lw, hidden, rope)
             post_attention(cfg, lw, hidden, attn)
             best = min(best, _now(worker.device) - start)
-        xs.append(float(n))
-        ys.append(best)
+        points.append((n, best))
     worker.store.release(0)
-    if len(xs) < 2:  # max_num_tokens below the second count: a line through the origin
-        return 0.0, max(ys[0] / xs[0], 1e-12)
-    intercept, slope = fit_line(xs, ys)
+    return tuple(points)
+
+
+def fit_gemm_line(curve: tuple[tuple[int, float], ...]) -> tuple[float, float]:
+    """(intercept_s, slope_s) through the curve's points from LINE_MIN_TOKENS up (all of them
+    when fewer than two are; a line through the origin when only one point was timed)."""
+    points = [p for p in curve if p[0] >= LINE_MIN_TOKENS]
+    points = points if len(points) >= 2 else list(curve)
+    if len(points) < 2:
+        return 0.0, max(points[0][1] / points[0][0], 1e-12)
+    intercept, slope = fit_line([float(n) for n, _ in points], [t for _, t in points])
     return intercept, max(slope, 1e-12)
 
 
@@ -117,7 +133,8 @@ def run_dummy_step(worker, num_tokens: int = 16) -> None:
 def measure_profile(worker) -> ExpertProfile:
     run_dummy_step(worker)
     h2d = measure_h2d(worker)
-    intercept, slope = measure_gemm_line(worker)
+    curve = measure_gemm_curve(worker)
+    intercept, slope = fit_gemm_line(curve)
     if worker.store.num_resident == 0:
         # layer 0 was streamed: walk the rest so the data mover's schedule stays in step order
         for layer in range(1, worker.cfg.num_layers):
@@ -126,4 +143,4 @@ def measure_profile(worker) -> ExpertProfile:
     worker.store.take_counters()
     fixed, per_byte = measure_exchange(worker)
     return ExpertProfile(h2d_bytes_per_s=h2d, gemm_intercept_s=intercept, gemm_slope_s=slope,
-                         exchange_fixed_s=fixed, exchange_s_per_byte=per_byte)
+                         gemm_curve=curve, exchange_fixed_s=fixed, exchange_s_per_byte=per_byte)

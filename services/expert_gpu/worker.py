@@ -103,6 +103,8 @@ class ExpertWorker:
             info.h2d_bytes_per_s = self.profile.h2d_bytes_per_s
             info.layer_gemm.intercept_s = self.profile.gemm_intercept_s
             info.layer_gemm.slope_s = self.profile.gemm_slope_s
+            for tokens, seconds in self.profile.gemm_curve:
+                info.layer_gemm_curve.add(tokens=tokens, seconds=seconds)
             info.exchange_fixed_s = self.profile.exchange_fixed_s
             info.exchange_s_per_byte = self.profile.exchange_s_per_byte
         return info
