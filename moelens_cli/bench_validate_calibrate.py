@@ -14,8 +14,9 @@ own phase timers (the coordinator's /metrics):
 
 Prefill attention: the prefill_attention phase of A…E per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
-In-situ GEMM scale: the expert's gemm phase over A…E / what the profile's GEMM line prices for
-the same jobs. The warmup times one layer over and over with the other services idle; inside a
+In-situ GEMM scales: the expert's gemm phase in A…E against what the profile's GEMM curve
+prices for the same jobs, one scale for the line's fixed part and one for its per-token part
+(A and B are mostly the first, C…E mostly the second). The warmup times one layer over and over with the other services idle; inside a
 job each layer's weights come back from memory and the coordinator, the clients' gRPC streams
 and the attention service run between the GEMMs on the same cores. The exchange the same way
 (in a job it costs ~2× the warmup's round trip, where both processes spin on an idle machine),
@@ -174,6 +175,26 @@ def merge_calibrations(runs: list[list[CalibrationJob]]) -> list[CalibrationJob]
     return merged
 
 
+def fit_gemm_scales(jobs: list[CalibrationJob], repeats: int, runs: list, doubled: list
+                    ) -> dict[str, float]:
+    """gemm_fixed_scale and gemm_token_scale: each job's measured GEMM phase against the fixed
+    and the per-token parts the model prices for it (`runs` at unit scales, `doubled` with the
+    token part twice: their difference is that part), fitted to the relative errors. A scale
+    the jobs cannot separate from the other (it comes out 0) falls back to one for both."""
+    measured = np.array([job.phase_s.get("gemm", 0.0) / repeats for job in jobs])
+    token = np.array([d.components_s["gemm"] - r.components_s["gemm"]
+                      for r, d in zip(runs, doubled)])
+    fixed = np.array([r.components_s["gemm"] for r in runs]) - token
+    if not (measured > 0).all() or not (fixed + token > 0).all():
+        return {}
+    weight = 1.0 / measured  # each job counts by its relative error
+    scales = nonnegative_lstsq(np.stack([fixed * weight, token * weight], axis=1),
+                               measured * weight)
+    if min(scales) <= 0:
+        scales = [measured.sum() / (fixed + token).sum()] * 2
+    return {"gemm_fixed_scale": scales[0], "gemm_token_scale": scales[1]}
+
+
 def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
                   deployment, max_prompt_len: int | None = None) -> StepOverheads:
     """StepOverheads from calibration jobs A…E (`repeats` runs merged, run with the same
@@ -199,9 +220,9 @@ def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
         return (repeats * sum(run.components_s[name] for run in runs),
                 sum(job.phase_s.get(name, 0.0) for job in jobs))
 
-    (predicted_gemm, measured_gemm), (predicted_x, measured_x) = total("gemm"), total("exchange")
-    if predicted_gemm > 0 and measured_gemm > 0:
-        kernels = replace(kernels, gemm_scale=measured_gemm / predicted_gemm)
+    kernels = replace(kernels, **fit_gemm_scales(jobs, repeats, runs, [
+        modelled(i, replace(kernels, gemm_token_scale=2.0)) for i in range(len(jobs))]))
+    predicted_x, measured_x = total("exchange")
     if predicted_x > 0 and measured_x > 0:
         kernels = replace(kernels, exchange_scale=measured_x / predicted_x)
     predicted_attention, measured_attention = total("attention")

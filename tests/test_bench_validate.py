@@ -191,7 +191,8 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
                             max_num_seqs=24)
     truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4, request_s=2e-3,
                           prefill_attention_s_per_seq=2e-4, prefill_attention_s_per_token=1e-6,
-                          prefill_attention_s_per_flop=2e-11, gemm_scale=1.2,
+                          prefill_attention_s_per_flop=2e-11, gemm_fixed_scale=0.9,
+                          gemm_token_scale=1.3,
                           exchange_scale=2.0, attention_s_per_layer=1e-4)
     jobs = []
     for p, g, k in calibration_shapes(deployment):
@@ -199,9 +200,9 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
                       replay=True).stage2_scheduled
         jobs.append(CalibrationJob(run.total_time_s, run.num_iterations, dict(run.components_s)))
     fitted = fit_overheads(jobs, 1, spec, profile, deployment)
-    for name in ("gemm_scale", "exchange_scale", "attention_s_per_layer", "step_fixed_s",
+    for name in ("gemm_fixed_scale", "gemm_token_scale", "exchange_scale", "attention_s_per_layer", "step_fixed_s",
                  "step_s_per_seq", "request_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
     assert fitted.prefill_attention_s_per_seq == pytest.approx(2e-4, rel=1e-3)
     bare = fit_overheads([replace(j, phase_s={}) for j in jobs], 1, spec, profile, deployment)
-    assert bare.gemm_scale == bare.exchange_scale == 1.0 and bare.attention_s_per_layer == 0.0
+    assert bare.gemm_fixed_scale == bare.gemm_token_scale == bare.exchange_scale == 1.0 and bare.attention_s_per_layer == 0.0

@@ -3,9 +3,9 @@
 Both stages of the model price an iteration the same way, from a HardwareProfile:
 
     io        = streamed weight bytes / B_IO                       (the data mover)
-    gemm      = s · [r(n) · Σ_l (a_l + b_l · n) + rows_out · lm_head FLOPs / C]  (GEMM line per
-                layer, r(n) its measured curve's bend; s = StepOverheads.gemm_scale, 1 unless
-                measured in situ)
+    gemm      = s_a · r(n) · Σ_l a_l + s_b · [r(n) · Σ_l b_l · n + rows_out · lm_head FLOPs / C]
+                (GEMM line per layer, r(n) its measured curve's bend; s_a, s_b =
+                StepOverheads.gemm_fixed_scale, gemm_token_scale, 1 unless measured in situ)
     prefill   = L · Σ_fresh (c_seq + c_tok · l + 2·q_size·l²·c_flop) (expert-side causal attention)
     attention = KV bytes read / attention KV bandwidth + L · a_fix   (CPU paged attention: decode
                 rows and prompt chunks that continue a cached prefix; a_fix per call, 0 unless
@@ -93,7 +93,7 @@ def place_weights(spec: ModelSpec, deployment: Deployment) -> Placement:
 
 @dataclass(frozen=True)
 class GemmLine:
-    """The GEMM time of a whole iteration at n tokens (see `seconds_at`), + lm_head rows."""
+    """The GEMM time of a whole iteration at n tokens (see `parts_at`), + lm_head rows."""
 
     intercept_s: float
     slope_s_per_token: float
@@ -108,13 +108,19 @@ class GemmLine:
 
     def seconds_at(self, num_tokens: float) -> float:
         """GEMM seconds of an iteration of `num_tokens` tokens, lm_head rows not included."""
+        return sum(self.parts_at(num_tokens))
+
+    def parts_at(self, num_tokens: float) -> tuple[float, float]:
+        """seconds_at as (the line's fixed part, the part that grows with the tokens), each
+        bent by the curve."""
         if num_tokens <= 0:
-            return 0.0
-        linear = self.intercept_s + self.slope_s_per_token * num_tokens
+            return 0.0, 0.0
+        fixed, tokens = self.intercept_s, self.slope_s_per_token * num_tokens
         if self.curve_tokens:
-            return linear * self._ratio(num_tokens)
+            ratio = self._ratio(num_tokens)
+            return fixed * ratio, tokens * ratio
         picked = 1.0 - (1.0 - self.expert_pick_fraction) ** num_tokens
-        return linear - self.expert_intercept_s * (1.0 - picked)
+        return fixed - self.expert_intercept_s * (1.0 - picked), tokens
 
     def _ratio(self, n: float) -> float:
         """curve_ratio interpolated linearly in n, held at the end values outside the curve."""
@@ -189,7 +195,9 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
     load = StepLoad(num_paged_rows=num_decode) if load is None else load
     over = StepOverheads() if overheads is None else overheads
     io = placement.streamed_bytes / profile.io_bandwidth_bytes_per_s
-    gemm = over.gemm_scale * (line.seconds_at(num_tokens) + line.s_per_output_row * num_output_rows)
+    fixed, per_token = line.parts_at(num_tokens)
+    gemm = over.gemm_fixed_scale * fixed + over.gemm_token_scale * (
+        per_token + line.s_per_output_row * num_output_rows)
     s_per_flop = over.prefill_attention_s_per_flop
     if s_per_flop is None:
         s_per_flop = 1.0 / profile.gemm_flops_per_s

@@ -227,10 +227,15 @@ class StepOverheads:
     prefill_attention_s_per_flop: float | None = None
     """Expert-side causal attention: seconds per FLOP (2·q_size·l² per fresh sequence of l
     tokens per layer); None prices it at the GEMM line's rate."""
-    gemm_scale: float = 1.0
-    """GEMM time inside a running job / the profile's GEMM line. The warmup times one layer
+    gemm_fixed_scale: float = 1.0
+    """GEMM time inside a running job / the profile's, for the GEMM line's fixed part (what an
+    iteration pays whatever its size: mostly reading the weights). The warmup times one layer
     over and over with the other services idle; in a job every layer's weights come back from
     memory and the other processes run between the GEMMs."""
+    gemm_token_scale: float = 1.0
+    """The same for the part that grows with the tokens (and the lm_head rows): the two differ
+    in a job (on session 10's Xeon one scale for both priced decode-heavy jobs 10% slow and
+    prefill-heavy ones 16% fast)."""
     exchange_scale: float = 1.0
     """Activation exchange inside a running job / the profile's (its warmup round trip: both
     processes spinning, nothing else running)."""
@@ -239,7 +244,7 @@ class StepOverheads:
     the store of the step's K and V, the wake-up), whatever the context."""
 
     def __post_init__(self) -> None:
-        for name in ("gemm_scale", "exchange_scale"):
+        for name in ("gemm_fixed_scale", "gemm_token_scale", "exchange_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"StepOverheads.{name} must be > 0, got {getattr(self, name)}")
         for name in ("step_fixed_s", "step_s_per_seq", "request_s",
