@@ -20,8 +20,11 @@ prices for the same jobs, one scale for the line's fixed part and one for its pe
 job each layer's weights come back from memory and the coordinator, the clients' gRPC streams
 and the attention service run between the GEMMs on the same cores. The exchange the same way
 (in a job it costs ~2× the warmup's round trip, where both processes spin on an idle machine),
-and the paged attention's time beyond its KV bytes as seconds per call (plan, the store of the
-step's K and V, the wake-up: A…E read little KV, so this is what they measure).
+and the paged attention's time beyond its KV bytes, fitted non-negative as seconds per call
+(the plan, the wake-up), per paged query row (each row's item: q in, softmax state, o out) and
+per token stored (the step's K and V into their slots): A…E read little KV, so this is what
+they measure; A and B (1 and 24 decode rows a call) separate the first two, C…E (hundreds of
+prompt tokens stored, no paged rows) the third.
 Step overhead: wall time of each of A…E minus what the model prices for the same job (its
 scheduler replay with the prefill-attention fit and the in-situ terms above): the coordinator's
 Python, the Step RPC, sampling and embedding. Fitted, non-negative, as a cost per iteration, per
@@ -58,6 +61,8 @@ Prefill attention grows with the square of the prompt; 8192-token prompts (a bud
 made the calibration and its attention fit about attention work no served job of short prompts
 has (the 256-request job was then predicted 14% slow, likely for that reason)."""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
+ATTENTION_TERMS = ("attention_s_per_layer", "attention_s_per_row", "attention_s_per_token")
+STEP_TERMS = ("step_fixed_s", "step_s_per_seq", "request_s")
 
 
 def nonnegative_lstsq(columns: np.ndarray, y: np.ndarray) -> list[float]:
@@ -225,18 +230,21 @@ def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
     predicted_x, measured_x = total("exchange")
     if predicted_x > 0 and measured_x > 0:
         kernels = replace(kernels, exchange_scale=measured_x / predicted_x)
-    predicted_attention, measured_attention = total("attention")
-    calls = repeats * spec.num_layers * sum(run.num_iterations for run in runs)
-    kernels = replace(kernels, attention_s_per_layer=max(
-        0.0, (measured_attention - predicted_attention) / calls))
 
-    # What the model leaves unexplained in each job, against how much of each step term the
-    # job holds (the model's own replay priced with a unit of one term at a time).
-    base = [modelled(i, kernels).total_time_s for i in range(len(jobs))]
-    unit = 1e-3
-    terms = ("step_fixed_s", "step_s_per_seq", "request_s")
-    columns = np.array([[(modelled(i, replace(kernels, **{t: unit})).total_time_s - base[i]) / unit
-                         for t in terms] for i in range(len(jobs))])  # [jobs, 3]
-    residual = np.array([job.wall_s / repeats - b for job, b in zip(jobs, base)])
-    fitted = nonnegative_lstsq(columns, residual)
-    return replace(kernels, **dict(zip(terms, fitted)))
+    def fit_terms(known: StepOverheads, terms: tuple[str, ...], measured: list[float],
+                  of_run) -> StepOverheads:
+        """What `known` leaves unexplained in each job (`measured` minus `of_run` of its
+        replay), against how much of each term the job holds (the replay priced with a unit
+        of one term at a time): `known` with the terms, fitted non-negative."""
+        base = [of_run(modelled(i, known)) for i in range(len(jobs))]
+        unit = 1e-3
+        columns = np.array([[(of_run(modelled(i, replace(known, **{t: unit}))) - base[i]) / unit
+                             for t in terms] for i in range(len(jobs))])  # [jobs, terms]
+        fitted = nonnegative_lstsq(columns, np.array(measured) - np.array(base))
+        return replace(known, **dict(zip(terms, fitted)))
+
+    kernels = fit_terms(kernels, ATTENTION_TERMS,
+                        [job.phase_s.get("attention", 0.0) / repeats for job in jobs],
+                        lambda run: run.components_s["attention"])
+    return fit_terms(kernels, STEP_TERMS, [job.wall_s / repeats for job in jobs],
+                     lambda run: run.total_time_s)

@@ -180,11 +180,12 @@ def test_calibration_prefills_fill_the_token_budget_within_the_context():
 
 def test_fit_overheads_recovers_the_system_it_was_measured_on():
     """Calibration jobs whose phases and wall times are what a known set of StepOverheads prices
-    (the in-situ GEMM and exchange scales, the paged attention's per-call cost, the prefill
-    attention and the per-step costs): the fit gives that set back."""
+    (the in-situ GEMM and exchange scales, the paged attention's costs per call, row and token,
+    the prefill attention and the per-step costs): the fit gives that set back."""
     from dataclasses import replace
 
-    from moelens_cli.bench_validate_calibrate import CalibrationJob, fit_overheads
+    from moelens_cli.bench_validate_calibrate import (ATTENTION_TERMS, STEP_TERMS,
+                                                      CalibrationJob, fit_overheads)
     from services.coordinator.perf_model import StepOverheads, Workload, predict
     spec, profile = default_spec_and_profile()
     deployment = Deployment(kv_cache_bytes=2 ** 26, block_size=16, token_budget=512,
@@ -192,17 +193,18 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
     truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4, request_s=2e-3,
                           prefill_attention_s_per_seq=2e-4, prefill_attention_s_per_token=1e-6,
                           prefill_attention_s_per_flop=2e-11, gemm_fixed_scale=0.9,
-                          gemm_token_scale=1.3,
-                          exchange_scale=2.0, attention_s_per_layer=1e-4)
+                          gemm_token_scale=1.3, exchange_scale=2.0, attention_s_per_layer=1e-4,
+                          attention_s_per_row=2e-5, attention_s_per_token=1e-6)
     jobs = []
     for p, g, k in calibration_shapes(deployment):
         run = predict(spec, profile, Workload(p, g, k), deployment, truth,
                       replay=True).stage2_scheduled
         jobs.append(CalibrationJob(run.total_time_s, run.num_iterations, dict(run.components_s)))
     fitted = fit_overheads(jobs, 1, spec, profile, deployment)
-    for name in ("gemm_fixed_scale", "gemm_token_scale", "exchange_scale", "attention_s_per_layer", "step_fixed_s",
-                 "step_s_per_seq", "request_s"):
+    for name in ("gemm_fixed_scale", "gemm_token_scale", "exchange_scale", *ATTENTION_TERMS,
+                 *STEP_TERMS):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
     assert fitted.prefill_attention_s_per_seq == pytest.approx(2e-4, rel=1e-3)
     bare = fit_overheads([replace(j, phase_s={}) for j in jobs], 1, spec, profile, deployment)
-    assert bare.gemm_fixed_scale == bare.gemm_token_scale == bare.exchange_scale == 1.0 and bare.attention_s_per_layer == 0.0
+    assert bare.gemm_fixed_scale == bare.gemm_token_scale == bare.exchange_scale == 1.0
+    assert bare.attention_s_per_layer == bare.attention_s_per_row == 0.0

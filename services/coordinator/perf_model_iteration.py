@@ -7,8 +7,9 @@ Both stages of the model price an iteration the same way, from a HardwareProfile
                 (GEMM line per layer, r(n) its measured curve's bend; s_a, s_b =
                 StepOverheads.gemm_fixed_scale, gemm_token_scale, 1 unless measured in situ)
     prefill   = L · Σ_fresh (c_seq + c_tok · l + 2·q_size·l²·c_flop) (expert-side causal attention)
-    attention = KV bytes read / attention KV bandwidth + L · a_fix   (CPU paged attention: decode
-                rows and prompt chunks that continue a cached prefix; a_fix per call, 0 unless
+    attention = KV bytes read / attention KV bandwidth + L · (a_fix + a_row · paged rows
+                + a_tok · n)   (CPU paged attention: decode rows and prompt chunks that
+                continue a cached prefix; per call, per row and per stored token, 0 unless
                 measured in situ)
     exchange  = x · L · (fixed + per-byte · (n · 2·kv_size + paged rows · 2·q_size) · act. bytes)
                 (x = StepOverheads.exchange_scale, 1 unless measured in situ)
@@ -212,7 +213,9 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
             * spec.activation_bytes
         exchange = over.exchange_scale * spec.num_layers * (
             profile.exchange_fixed_s + profile.exchange_s_per_byte * moved)
-        attention += spec.num_layers * over.attention_s_per_layer
+        attention += spec.num_layers * (over.attention_s_per_layer
+                                        + over.attention_s_per_row * load.num_paged_rows
+                                        + over.attention_s_per_token * num_tokens)
     overhead = 0.0
     if num_tokens > 0:
         overhead = over.step_fixed_s + over.step_s_per_seq * load.num_seqs \

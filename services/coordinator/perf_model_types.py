@@ -241,7 +241,11 @@ class StepOverheads:
     processes spinning, nothing else running)."""
     attention_s_per_layer: float = 0.0
     """Paged-attention seconds per layer per iteration beyond its KV bytes (the call's plan,
-    the store of the step's K and V, the wake-up), whatever the context."""
+    the wake-up), whatever the context."""
+    attention_s_per_row: float = 0.0
+    """Paged-attention seconds per query row per layer beyond its KV bytes (the row's item)."""
+    attention_s_per_token: float = 0.0
+    """Paged-attention seconds per token of the iteration per layer: storing its K and V."""
 
     def __post_init__(self) -> None:
         for name in ("gemm_fixed_scale", "gemm_token_scale", "exchange_scale"):
@@ -249,7 +253,8 @@ class StepOverheads:
                 raise ValueError(f"StepOverheads.{name} must be > 0, got {getattr(self, name)}")
         for name in ("step_fixed_s", "step_s_per_seq", "request_s",
                      "prefill_attention_s_per_seq", "prefill_attention_s_per_token",
-                     "prefill_attention_s_per_flop", "attention_s_per_layer"):
+                     "prefill_attention_s_per_flop", "attention_s_per_layer",
+                     "attention_s_per_row", "attention_s_per_token"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"StepOverheads.{name} must be >= 0, got {value}")
