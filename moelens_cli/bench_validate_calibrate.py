@@ -16,9 +16,10 @@ Prefill attention: the prefill_attention phase of A…E per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
 In-situ GEMM scales: the expert's gemm phase in A…E against what the profile's GEMM curve
 prices for the same jobs, one scale for the line's fixed part and one for its per-token part
-(A and B are mostly the first, C…E mostly the second). The warmup times one layer over and over with the other services idle; inside a
-job each layer's weights come back from memory and the coordinator, the clients' gRPC streams
-and the attention service run between the GEMMs on the same cores. The exchange the same way
+(A and B are mostly the first, C…E mostly the second). The warmup times one layer over and
+over with the other services idle; inside a job each layer's weights come back from memory and
+the coordinator, the clients' gRPC streams and the attention service run between the GEMMs on
+the same cores. The exchange the same way
 (in a job it costs ~2× the warmup's round trip, where both processes spin on an idle machine),
 and the paged attention's time beyond its KV bytes, fitted non-negative as seconds per call
 (the plan, the wake-up), per paged query row (each row's item: q in, softmax state, o out) and
