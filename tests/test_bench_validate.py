@@ -103,11 +103,12 @@ def test_table_lines_name_every_point():
 # Profile combination and calibration fit ---------------------------------------------------------
 
 def _profile(a: float, b: float, xf: float = 1e-3, curve=((), ())) -> HardwareProfile:
-    return HardwareProfile(gemm_curve_tokens=curve[0], gemm_curve_s=curve[1],io_bandwidth_bytes_per_s=1e9, gemm_intercept_s=a,
+    return HardwareProfile(io_bandwidth_bytes_per_s=1e9, gemm_intercept_s=a,
                            gemm_slope_s_per_token=b, attention_kv_bytes_per_s=2e9,
                            host_memory_bandwidth_bytes_per_s=8e9, exchange_fixed_s=xf,
                            exchange_s_per_byte=1e-9, is_accelerator_separate=False,
-                           gemm_layer_flops_per_token=1e6, gemm_layer_weight_bytes=1e6)
+                           gemm_layer_flops_per_token=1e6, gemm_layer_weight_bytes=1e6,
+                           gemm_curve_tokens=curve[0], gemm_curve_s=curve[1])
 
 
 def test_median_profile_takes_the_line_through_median_end_times():
