@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import grpc
 import numpy as np
@@ -37,9 +37,9 @@ from moelens.config import ModelConfig, load_config
 from moelens.v1 import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
 from moelens_cli import bench_common as common
 from moelens_cli import bench_validate_report as report
-from moelens_cli.bench_validate_calibrate import (fit_overheads, merge_calibrations,
-                                                  run_calibration, run_calibrations,
-                                                  scrape_steps)
+from moelens_cli.bench_validate_calibrate import (CalibrationJob, fit_overheads,
+                                                  merge_calibrations, run_calibration,
+                                                  run_calibrations, scrape_steps)
 from moelens_cli.launch_options import LaunchOptions
 from moelens_cli.launcher import ServiceStartError, sigterm_as_interrupt, start_local_services
 
@@ -136,6 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of each compute service (default: all cores)")
     parser.add_argument("--log-dir", default=None, help="keep service logs here")
+    parser.add_argument("--reprice", metavar="PATH", default=None,
+                        help="run nothing: price the points of an earlier --json document "
+                             "again with this code's model, from the profiles and calibration "
+                             "jobs it stored (what a model change would have predicted)")
 
 
 def _stubs(services) -> tuple:
@@ -260,7 +264,6 @@ def _median_run(ctx: dict, point: GridPoint, seed: int) -> tuple[float, dict[str
 def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResult:
     """Environment before, the job (`--runs` times), environment after; predict from both
     measurements."""
-    from services.coordinator.perf_model import Workload, predict
     args, client = ctx["args"], ctx["client"]
     load_before = os.getloadavg()[0]
     preempted_before = client.server_info().num_preemptions
@@ -270,27 +273,40 @@ def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResul
     more_profiles, more_jobs = _measure_environment(ctx, args.seed + 2000 + index)
     profile = median_profile(profiles + more_profiles)
     lens = ctx["lens"](profile)
-    deployment = ctx["deployment"](lens)
-    overheads = fit_overheads(merge_calibrations([jobs, more_jobs]), 2, lens.spec, profile,
-                              deployment)
-    workload = Workload(point.prompt_len, point.gen_len, point.num_requests)
-    pred = predict(lens.spec, profile, workload, deployment, overheads, replay=True)
-    bare = predict(lens.spec, profile, workload, deployment, replay=True)
-    tokens = point.num_requests * (point.prompt_len + point.gen_len)
-    scheduled = pred.stage2_scheduled
-    return report.PointResult(
+    result = report.PointResult(
         prompt_len=point.prompt_len, gen_len=point.gen_len, num_requests=point.num_requests,
-        kv_cache_gb=ctx["kv_gb"], predicted_tokens_per_s=scheduled.total_tokens_per_s,
-        measured_tokens_per_s=tokens / wall, bottleneck=scheduled.bottleneck,
-        kernels_only_tokens_per_s=bare.stage2_scheduled.total_tokens_per_s,
-        fluid_tokens_per_s=pred.stage2.total_tokens_per_s, wall_s=wall, run_walls_s=walls,
-        predicted_iterations=scheduled.num_iterations,
-        predicted_preemptions=scheduled.num_preemptions, measured_preemptions=preempted,
+        kv_cache_gb=ctx["kv_gb"], predicted_tokens_per_s=0.0,
+        measured_tokens_per_s=point.num_requests * (point.prompt_len + point.gen_len) / wall,
+        bottleneck="", wall_s=wall, run_walls_s=walls, measured_preemptions=preempted,
         load_average=(load_before + os.getloadavg()[0]) / 2,
         is_capacity_bound=point.is_capacity_bound(args.max_num_seqs),
-        profile=profile.to_dict(), overheads=vars(overheads),
-        predicted_components_s=dict(scheduled.components_s),
-        measured_phases_s=measured_phases)
+        measured_phases_s=measured_phases, spec=asdict(lens.spec),
+        deployment=asdict(ctx["deployment"](lens)),
+        calibration_runs=[[asdict(job) for job in run] for run in (jobs, more_jobs)])
+    return price_point(result, profile)
+
+
+def price_point(result: report.PointResult, profile) -> report.PointResult:
+    """`result` with the model's prediction filled in: StepOverheads fitted to its calibration
+    runs (merged), the job priced on `profile` and its deployment by the scheduler replay."""
+    from services.coordinator.perf_model import Deployment, ModelSpec, Workload, predict
+    spec = ModelSpec(**{k: tuple(v) if isinstance(v, list) else v
+                        for k, v in result.spec.items()})
+    deployment = Deployment(**result.deployment)
+    runs = [[CalibrationJob(**job) for job in run] for run in result.calibration_runs]
+    overheads = fit_overheads(merge_calibrations(runs), len(runs), spec, profile, deployment)
+    workload = Workload(result.prompt_len, result.gen_len, result.num_requests)
+    pred = predict(spec, profile, workload, deployment, overheads, replay=True)
+    bare = predict(spec, profile, workload, deployment, replay=True)
+    scheduled = pred.stage2_scheduled
+    return replace(
+        result, predicted_tokens_per_s=scheduled.total_tokens_per_s,
+        bottleneck=scheduled.bottleneck,
+        kernels_only_tokens_per_s=bare.stage2_scheduled.total_tokens_per_s,
+        fluid_tokens_per_s=pred.stage2.total_tokens_per_s,
+        predicted_iterations=scheduled.num_iterations,
+        predicted_preemptions=scheduled.num_preemptions, profile=profile.to_dict(),
+        overheads=vars(overheads), predicted_components_s=dict(scheduled.components_s))
 
 
 def _run_group(args, cfg: ModelConfig, model: str, kv_tokens: int, points: list[GridPoint],
@@ -346,8 +362,39 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
 
+def reprice(path: str) -> list[report.PointResult]:
+    """The points of a stored run priced again (see --reprice)."""
+    from moelens.profile import HardwareProfile
+    with open(path) as source:
+        results = report.from_payload(json.load(source))
+    if not all(r.calibration_runs and r.spec and r.deployment for r in results):
+        raise ValueError(f"{path} has no calibration jobs to refit (written before --reprice "
+                         f"existed); run `moe-lens bench validate --json` again")
+    return [price_point(r, HardwareProfile.from_dict(r.profile)) for r in results]
+
+
+def _write(results: list[report.PointResult], json_path: str | None) -> None:
+    print(report.format_summary(results))
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(report.payload(results), out, indent=2)
+            out.write("\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from moelens.default_model import resolve_model
+    if args.reprice:
+        try:
+            results = reprice(args.reprice)
+        except (ValueError, OSError, TypeError) as err:
+            print(f"moe-lens bench validate: --reprice {args.reprice}: {err}", file=sys.stderr)
+            return 2
+        print(report.HEADER)
+        for result in results:
+            print(report.format_row(result))
+            print(report.format_components(result))
+        _write(results, args.json)
+        return 0
     try:
         _check(args)
         points = [parse_point(text) for text in args.point or []]
@@ -370,9 +417,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if results:
-            print(report.format_summary(results))
-            if args.json:
-                with open(args.json, "w") as out:
-                    json.dump(report.payload(results), out, indent=2)
-                    out.write("\n")
+            _write(results, args.json)
     return 0

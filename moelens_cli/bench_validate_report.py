@@ -48,6 +48,12 @@ class PointResult:
     """The model's seconds per component over the whole job."""
     measured_phases_s: dict[str, float] = field(default_factory=dict)
     """The expert service's phase timers over the job; overhead = wall − the phases."""
+    spec: dict[str, Any] = field(default_factory=dict)
+    deployment: dict[str, Any] = field(default_factory=dict)
+    """The perf_model ModelSpec and Deployment the point was priced with."""
+    calibration_runs: list[list[dict[str, Any]]] = field(default_factory=list)
+    """The calibration jobs A…E before and after the job (CalibrationJob fields): with the
+    profile, spec and deployment, all a later model needs to price the point again."""
 
     @property
     def accuracy(self) -> float:
@@ -96,22 +102,30 @@ def format_summary(results: list[PointResult]) -> str:
         f"(2 cores; above ~2 other work shares the CPUs)"])
 
 
+DIAGNOSTIC_KEYS = (
+    "kernels_only_tokens_per_s", "fluid_tokens_per_s", "wall_s", "run_walls_s",
+    "predicted_iterations", "predicted_preemptions", "measured_preemptions", "load_average",
+    "is_capacity_bound", "profile", "overheads", "predicted_components_s", "measured_phases_s",
+    "spec", "deployment", "calibration_runs")
+"""Per-point fields of the payload's "diagnostics" list."""
+
+
 def payload(results: list[PointResult]) -> dict[str, Any]:
     """The JSON document: the issue's points and summary, plus per-point diagnostics."""
     mean, worst = summary(results)
-    points = []
-    for r in results:
-        values = {key: getattr(r, key) for key in POINT_KEYS}
-        points.append(values)
-    diagnostics = [{
-        "kernels_only_tokens_per_s": r.kernels_only_tokens_per_s,
-        "fluid_tokens_per_s": r.fluid_tokens_per_s, "wall_s": r.wall_s,
-        "run_walls_s": r.run_walls_s,
-        "predicted_iterations": r.predicted_iterations,
-        "predicted_preemptions": r.predicted_preemptions,
-        "measured_preemptions": r.measured_preemptions, "load_average": r.load_average,
-        "is_capacity_bound": r.is_capacity_bound, "profile": r.profile,
-        "overheads": r.overheads, "predicted_components_s": r.predicted_components_s,
-        "measured_phases_s": r.measured_phases_s} for r in results]
+    points = [{key: getattr(r, key) for key in POINT_KEYS} for r in results]
+    diagnostics = [{name: getattr(r, name) for name in DIAGNOSTIC_KEYS} for r in results]
     return {"points": points, "mean_accuracy": mean, "worst_accuracy": worst,
             "diagnostics": diagnostics}
+
+
+def from_payload(document: dict[str, Any]) -> list[PointResult]:
+    """The PointResults of a payload() document (its points with their diagnostics)."""
+    points, diagnostics = document.get("points"), document.get("diagnostics")
+    if not isinstance(points, list) or not isinstance(diagnostics, list) \
+            or len(points) != len(diagnostics):
+        raise ValueError("not a `bench validate --json` document: needs equally long 'points' "
+                         "and 'diagnostics' lists")
+    names = set(POINT_KEYS + DIAGNOSTIC_KEYS) - {"accuracy"}
+    return [PointResult(**{k: v for k, v in {**p, **d}.items() if k in names})
+            for p, d in zip(points, diagnostics)]

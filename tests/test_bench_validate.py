@@ -209,3 +209,39 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
     bare = fit_overheads([replace(j, phase_s={}) for j in jobs], 1, spec, profile, deployment)
     assert bare.gemm_fixed_scale == bare.gemm_token_scale == bare.exchange_scale == 1.0
     assert bare.attention_s_per_layer == bare.attention_s_per_row == 0.0
+
+
+def test_reprice_refits_a_stored_run_and_gives_its_prediction_back(tmp_path):
+    """A stored point (spec, deployment, two calibration runs that a known StepOverheads
+    prices, measured = that set's prediction of the job) priced again from its JSON document:
+    the same prediction and accuracy 1; a document without calibration jobs is refused."""
+    from dataclasses import asdict, replace
+
+    from moelens_cli.bench_validate_calibrate import CalibrationJob
+    from services.coordinator.perf_model import StepOverheads, Workload, predict
+    spec, profile = default_spec_and_profile()
+    deployment = Deployment(kv_cache_bytes=2 ** 26, block_size=16, token_budget=512,
+                            max_num_seqs=24)
+    truth = StepOverheads(step_fixed_s=2e-3, step_s_per_seq=1e-4, request_s=1e-3,
+                          gemm_fixed_scale=1.1, gemm_token_scale=1.2, exchange_scale=1.5)
+
+    def job(p: int, g: int, k: int):
+        return predict(spec, profile, Workload(p, g, k), deployment, truth,
+                       replay=True).stage2_scheduled
+
+    runs = [[asdict(CalibrationJob(r.total_time_s, r.num_iterations, dict(r.components_s)))
+             for r in (job(*shape) for shape in calibration_shapes(deployment))]] * 2
+    measured = job(128, 64, 48).total_tokens_per_s
+    stored = _result(0.0, measured, spec=asdict(spec), deployment=asdict(deployment),
+                     calibration_runs=runs, profile=profile.to_dict())
+    stored = replace(stored, prompt_len=128, gen_len=64, num_requests=48)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(report.payload([stored])))
+    [priced] = bench.reprice(str(path))
+    assert priced.predicted_tokens_per_s == pytest.approx(measured, rel=1e-3)
+    assert priced.accuracy == pytest.approx(1.0, abs=1e-3)
+    assert priced.overheads["exchange_scale"] == pytest.approx(1.5, rel=1e-3)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(report.payload([_result(1.0, 1.0)])))
+    with pytest.raises(ValueError, match="no calibration jobs"):
+        bench.reprice(str(old))
