@@ -64,6 +64,12 @@ has (the 256-request job was then predicted 14% slow, likely for that reason).""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 ATTENTION_TERMS = ("attention_s_per_layer", "attention_s_per_row", "attention_s_per_token")
 STEP_TERMS = ("step_fixed_s", "step_s_per_seq", "request_s")
+PART_SCALES = {"gemm": ("gemm_fixed_scale", "gemm_token_scale"),
+               "exchange": ("exchange_fixed_scale", "exchange_byte_scale")}
+"""The phases priced in two parts with one in-situ scale each (fit_part_scales)."""
+PART_FIT_ROUNDS = 3
+"""Gauss-Newton rounds of fit_part_scales: the exchange's latency part is what the fresh
+prompts' causal attention leaves visible, not linear in its scale."""
 
 
 def nonnegative_lstsq(columns: np.ndarray, y: np.ndarray) -> list[float]:
@@ -181,24 +187,32 @@ def merge_calibrations(runs: list[list[CalibrationJob]]) -> list[CalibrationJob]
     return merged
 
 
-def fit_gemm_scales(jobs: list[CalibrationJob], repeats: int, runs: list, doubled: list
-                    ) -> dict[str, float]:
-    """gemm_fixed_scale and gemm_token_scale: each job's measured GEMM phase against the fixed
-    and the per-token parts the model prices for it (`runs` at unit scales, `doubled` with the
-    token part twice: their difference is that part), fitted to the relative errors. A scale
-    the jobs cannot separate from the other (it comes out 0) falls back to one for both."""
-    measured = np.array([job.phase_s.get("gemm", 0.0) / repeats for job in jobs])
-    token = np.array([d.components_s["gemm"] - r.components_s["gemm"]
-                      for r, d in zip(runs, doubled)])
-    fixed = np.array([r.components_s["gemm"] for r in runs]) - token
-    if not (measured > 0).all() or not (fixed + token > 0).all():
-        return {}
+def fit_part_scales(jobs: list[CalibrationJob], repeats: int, phase: str, names: tuple[str, str],
+                    known: StepOverheads, priced) -> StepOverheads:
+    """`known` with the scales `names` of the two parts the model prices `phase` in (gemm: the
+    line's fixed and per-token parts; exchange: the round trip's latency and per-byte parts)
+    fitted, non-negative, to the relative errors of the jobs' measured phase. `priced(i,
+    overheads)` prices job i's phase. Gauss-Newton (PART_FIT_ROUNDS rounds, exact at once for
+    the GEMM, whose parts are linear in their scales). A first part that comes out 0 falls back
+    to one scale for both; no measurement of the phase leaves `known` as it is."""
+    measured = np.array([job.phase_s.get(phase, 0.0) / repeats for job in jobs])
+    if not (measured > 0).all():
+        return known
     weight = 1.0 / measured  # each job counts by its relative error
-    scales = nonnegative_lstsq(np.stack([fixed * weight, token * weight], axis=1),
-                               measured * weight)
-    if min(scales) <= 0:
-        scales = [measured.sum() / (fixed + token).sum()] * 2
-    return {"gemm_fixed_scale": scales[0], "gemm_token_scale": scales[1]}
+    step = 1e-3
+    for _ in range(PART_FIT_ROUNDS):
+        x0 = np.array([getattr(known, n) for n in names])
+        c0 = np.array([priced(i, known) for i in range(len(jobs))])
+        slopes = np.array([[(priced(i, replace(known, **{n: getattr(known, n) + step}))
+                             - c0[i]) / step for n in names] for i in range(len(jobs))])
+        if not (slopes.sum(axis=1) > 0).all():
+            return known
+        scales = nonnegative_lstsq(slopes * weight[:, None],
+                                   (measured - c0 + slopes @ x0) * weight)
+        if scales[0] <= 0:  # one factor on both, from the totals
+            scales = list(x0 * measured.sum() / c0.sum())
+        known = replace(known, **dict(zip(names, scales)))
+    return known
 
 
 def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
@@ -220,17 +234,9 @@ def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
         return predict(spec, profile, Workload(p, g, k), deployment, overheads,
                        replay=True).stage2_scheduled
 
-    runs = [modelled(i, kernels) for i in range(len(jobs))]
-
-    def total(name: str) -> tuple[float, float]:  # (predicted, measured) over all jobs
-        return (repeats * sum(run.components_s[name] for run in runs),
-                sum(job.phase_s.get(name, 0.0) for job in jobs))
-
-    kernels = replace(kernels, **fit_gemm_scales(jobs, repeats, runs, [
-        modelled(i, replace(kernels, gemm_token_scale=2.0)) for i in range(len(jobs))]))
-    predicted_x, measured_x = total("exchange")
-    if predicted_x > 0 and measured_x > 0:
-        kernels = replace(kernels, exchange_scale=measured_x / predicted_x)
+    for phase, names in PART_SCALES.items():
+        kernels = fit_part_scales(jobs, repeats, phase, names, kernels,
+                                  lambda i, o, phase=phase: modelled(i, o).components_s[phase])
 
     def fit_terms(known: StepOverheads, terms: tuple[str, ...], measured: list[float],
                   of_run) -> StepOverheads:

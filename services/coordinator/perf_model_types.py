@@ -236,9 +236,12 @@ class StepOverheads:
     """The same for the part that grows with the tokens (and the lm_head rows): the two differ
     in a job (on session 10's Xeon one scale for both priced decode-heavy jobs 10% slow and
     prefill-heavy ones 16% fast)."""
-    exchange_scale: float = 1.0
+    exchange_fixed_scale: float = 1.0
     """Activation exchange inside a running job / the profile's (its warmup round trip: both
-    processes spinning, nothing else running)."""
+    processes spinning, nothing else running), for the round trip's fixed part."""
+    exchange_byte_scale: float = 1.0
+    """The same for the part that grows with the bytes crossing (one scale for both priced the
+    exchange of decode-heavy jobs 10–25% low and of prefill-heavy ones 25–35% high)."""
     attention_s_per_layer: float = 0.0
     """Paged-attention seconds per layer per iteration beyond its KV bytes (the call's plan,
     the wake-up), whatever the context."""
@@ -248,10 +251,11 @@ class StepOverheads:
     """Paged-attention seconds per token of the iteration per layer: storing its K and V."""
 
     def __post_init__(self) -> None:
-        for name in ("gemm_fixed_scale", "gemm_token_scale", "exchange_scale"):
+        for name in ("gemm_fixed_scale", "exchange_fixed_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"StepOverheads.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("step_fixed_s", "step_s_per_seq", "request_s",
+        for name in ("gemm_token_scale", "exchange_byte_scale", "step_fixed_s", "step_s_per_seq",
+                     "request_s",
                      "prefill_attention_s_per_seq", "prefill_attention_s_per_token",
                      "prefill_attention_s_per_flop", "attention_s_per_layer",
                      "attention_s_per_row", "attention_s_per_token"):
