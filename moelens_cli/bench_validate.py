@@ -51,6 +51,7 @@ TOKEN_BUDGET = 512
 """Tokens per iteration, fixed so that runs compare: inside the range the expert service's
 warmup times its GEMM line on (32…1024 tokens), so no iteration extrapolates the line."""
 _READY_TIMEOUT_S = 120.0
+_SETTLE_TRIES, _SETTLE_S = 20, 0.05
 
 
 @dataclass(frozen=True)
@@ -231,11 +232,20 @@ def _run_job(client, point: GridPoint, vocab_size: int, seed: int) -> float:
 
 
 def _phases_since(url: str, before: dict[str, float], wall: float) -> dict[str, float]:
-    """The job's expert-side phase seconds (and the rest of its wall time, as "overhead")."""
+    """The job's expert-side phase seconds, the rest of its wall time as "overhead", and its
+    iterations as "steps" (read once the step count stops moving: the engine streams a
+    request's last token before it records the step)."""
     after = scrape_steps(url)
+    for _ in range(_SETTLE_TRIES):
+        time.sleep(_SETTLE_S)
+        again = scrape_steps(url)
+        if again.get("steps") == after.get("steps"):
+            break
+        after = again
     phases = {name: after.get(name, 0.0) - before.get(name, 0.0)
               for name in ("gemm", "prefill_attention", "attention", "exchange")}
     phases["overhead"] = wall - sum(phases.values())
+    phases["steps"] = after.get("steps", 0.0) - before.get("steps", 0.0)
     return phases
 
 

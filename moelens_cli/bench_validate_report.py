@@ -47,7 +47,8 @@ class PointResult:
     predicted_components_s: dict[str, float] = field(default_factory=dict)
     """The model's seconds per component over the whole job."""
     measured_phases_s: dict[str, float] = field(default_factory=dict)
-    """The expert service's phase timers over the job; overhead = wall − the phases."""
+    """The expert service's phase timers over the job; overhead = wall − the phases; steps =
+    the iterations it ran."""
     spec: dict[str, Any] = field(default_factory=dict)
     deployment: dict[str, Any] = field(default_factory=dict)
     """The perf_model ModelSpec and Deployment the point was priced with."""
@@ -82,10 +83,13 @@ def format_row(r: PointResult) -> str:
 
 
 def format_components(r: PointResult) -> str:
-    """Where the time went, predicted/measured seconds per component."""
+    """Where the time went, predicted/measured seconds per component (and iterations, where the
+    run counted them)."""
     names = ("gemm", "prefill_attention", "attention", "exchange", "overhead")
     parts = [f"{name} {r.predicted_components_s.get(name, 0.0):.2f}/"
              f"{r.measured_phases_s.get(name, 0.0):.2f}" for name in names]
+    if "steps" in r.measured_phases_s:
+        parts.append(f"iterations {r.predicted_iterations}/{r.measured_phases_s['steps']:.0f}")
     return "      seconds predicted/measured: " + ", ".join(parts)
 
 
