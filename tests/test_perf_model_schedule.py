@@ -79,19 +79,26 @@ def test_replay_matches_real_scheduler(classes, num_blocks, block_size, budget, 
     assert run.num_preemptions == sum(r["preempted"] for r in reference)
 
 
-def test_long_job_skips_steady_windows_closely():
-    """Skipping steady windows changes the time of a long job by well under 1%."""
-    classes = [(48, 24, 3000)]
-
+@pytest.mark.parametrize("classes,num_blocks,budget,max_seqs,skips", [
+    ([(128, 16, 3000)], 4096, 512, 24, True),   # waves 16 iterations apart, lifetime 17
+    ([(128, 16, 300)], 4096, 512, 24, False),   # too short to skip (was skipped 4% fast)
+    ([(64, 32, 3000)], 10_000, 1024, 8, True),  # the running-sequence cap binds
+    ([(48, 24, 3000)], 400, 16 * 16, None, False),  # KV-bound, preempting: never periodic
+])
+def test_steady_windows_are_skipped_only_when_they_repeat(classes, num_blocks, budget,
+                                                           max_seqs, skips):
+    """A long periodic job skips its steady windows and still gets the exact time and
+    iteration count; one that does not repeat load for load is replayed to the end."""
     def price(load: Load) -> float:
         return 0.01 + 1e-5 * load.tokens + 1e-8 * load.kv_read
 
-    skipped = replay(classes, 400, 16, 256, None, price)
-    assert skipped.num_skipped_iterations > 0
-    exact_steps = _reference(classes, 400, 16, 256, None)
+    run = replay(classes, num_blocks, 16, budget, max_seqs, price)
+    exact_steps = _reference(classes, num_blocks, 16, budget, max_seqs)
     exact = sum(0.01 + 1e-5 * r["tokens"] + 1e-8 * r["kv"] for r in exact_steps)
-    assert skipped.total_time_s == pytest.approx(exact, rel=0.01)
-    assert skipped.num_iterations == pytest.approx(len(exact_steps), rel=0.01)
+    assert (run.num_skipped_iterations > 0) == skips
+    assert run.num_iterations == len(exact_steps)
+    assert run.total_time_s == pytest.approx(exact, rel=1e-9)
+    assert run.num_preemptions == sum(r["preempted"] for r in exact_steps)
 
 
 def test_request_longer_than_cache_cannot_progress():
