@@ -17,7 +17,7 @@ import math
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -202,13 +202,14 @@ class GemmRates:
     threads: int
     rows: int
     """M of the projection and expert GEMMs (lm_head uses fewer: its N is the vocabulary)."""
+    dtype: str = "float32"
 
     def best(self, other: "GemmRates") -> "GemmRates":
         """The faster rate per kind of two measurements (e.g. before and after a job): on a
         shared machine a slow moment would otherwise lower the peak, flattering the fraction."""
         rates = {kind: max(rate, other.flops_per_s.get(kind, 0.0))
                  for kind, rate in self.flops_per_s.items()}
-        return GemmRates(rates, self.threads, self.rows)
+        return replace(self, flops_per_s=rates)
 
 
 def _weights(*shape: int) -> torch.Tensor:
@@ -226,24 +227,27 @@ def _rate(fn: Callable[[], object], flops: float, repeats: int) -> float:
 
 
 def measure_gemm_rates(cfg: ModelConfig, threads: int, rows: int = 4096, head_rows: int = 256,
-                       repeats: int = 3) -> GemmRates:
-    """The best fp32 GEMM rate this machine reaches on the model's shapes at large M: torch's
-    F.linear (MKL) and, where it runs, the panel GEMM the expert service uses on CPUs, whichever
-    is faster per kind; minimum time of `repeats` (the least-disturbed run on a shared machine
-    is the hardware's best)."""
+                       repeats: int = 3, dtype: str = "float32") -> GemmRates:
+    """The best GEMM rate this machine reaches on the model's shapes at large M in `dtype` (the
+    dtype the experts are served in): torch's F.linear (MKL or oneDNN) and, for fp32 where it
+    runs, the panel GEMM the expert service uses on CPUs, whichever is faster per kind; minimum
+    time of `repeats` (the least-disturbed run on a shared machine is the hardware's best)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     h, i = cfg.hidden_size, max(cfg.expert_intermediate_size, cfg.dense_intermediate_size)
-    kernels = [False] + ([True] if panel_gemm.is_supported() else [])
+    fp32 = dtype == "float32"
+    kernels = [False] + ([True] if fp32 and panel_gemm.is_supported() else [])
+    kind = getattr(torch, dtype)
     rates: dict[str, float] = {}
     try:
-        x = torch.empty(rows, h).uniform_(-1, 1)  # [M, H]
-        xi = torch.empty(rows, i).uniform_(-1, 1)  # [M, I]
-        xq = torch.empty(rows, cfg.q_size).uniform_(-1, 1)  # [M, q]
+        x = torch.empty(rows, h).uniform_(-1, 1).to(kind)  # [M, H]
+        xi = torch.empty(rows, i).uniform_(-1, 1).to(kind)  # [M, I]
+        xq = torch.empty(rows, cfg.q_size).uniform_(-1, 1).to(kind)  # [M, q]
         xh = x[:head_rows]
-        plain = {"qkv": _weights(cfg.q_size + 2 * cfg.kv_size, h), "o": _weights(h, cfg.q_size),
-                 "gate_up": _weights(2 * i, h), "down": _weights(h, i),
-                 "head": _weights(cfg.vocab_size, h)}
+        plain = {name: t.to(kind) for name, t in (
+            ("qkv", _weights(cfg.q_size + 2 * cfg.kv_size, h)), ("o", _weights(h, cfg.q_size)),
+            ("gate_up", _weights(2 * i, h)), ("down", _weights(h, i)),
+            ("head", _weights(cfg.vocab_size, h)))}
         for panels in kernels:
             w = {name: panel_gemm.maybe_pack(t, panels) for name, t in plain.items()}
             measured = {
@@ -261,7 +265,7 @@ def measure_gemm_rates(cfg: ModelConfig, threads: int, rows: int = 4096, head_ro
     finally:
         torch.set_num_threads(previous)
     rates["router"] = rates["attention_proj"]
-    return GemmRates(rates, threads, rows)
+    return GemmRates(rates, threads, rows, dtype)
 
 
 @dataclass(frozen=True)

