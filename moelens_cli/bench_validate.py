@@ -39,7 +39,8 @@ from moelens_cli import bench_common as common
 from moelens_cli import bench_validate_report as report
 from moelens_cli.bench_validate_calibrate import (CalibrationJob, fit_overheads,
                                                   merge_calibrations, run_calibration,
-                                                  run_calibrations, scrape_steps)
+                                                  run_calibrations, scrape_settled,
+                                                  scrape_steps)
 from moelens_cli.launch_options import LaunchOptions
 from moelens_cli.launcher import ServiceStartError, sigterm_as_interrupt, start_local_services
 
@@ -51,7 +52,6 @@ TOKEN_BUDGET = 512
 """Tokens per iteration, fixed so that runs compare: inside the range the expert service's
 warmup times its GEMM line on (32…1024 tokens), so no iteration extrapolates the line."""
 _READY_TIMEOUT_S = 120.0
-_SETTLE_TRIES, _SETTLE_S = 20, 0.05
 
 
 @dataclass(frozen=True)
@@ -233,15 +233,8 @@ def _run_job(client, point: GridPoint, vocab_size: int, seed: int) -> float:
 
 def _phases_since(url: str, before: dict[str, float], wall: float) -> dict[str, float]:
     """The job's expert-side phase seconds, the rest of its wall time as "overhead", and its
-    iterations as "steps" (read once the step count stops moving: the engine streams a
-    request's last token before it records the step)."""
-    after = scrape_steps(url)
-    for _ in range(_SETTLE_TRIES):
-        time.sleep(_SETTLE_S)
-        again = scrape_steps(url)
-        if again.get("steps") == after.get("steps"):
-            break
-        after = again
+    iterations as "steps"."""
+    after = scrape_settled(url)
     phases = {name: after.get(name, 0.0) - before.get(name, 0.0)
               for name in ("gemm", "prefill_attention", "attention", "exchange")}
     phases["overhead"] = wall - sum(phases.values())

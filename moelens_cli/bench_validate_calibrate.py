@@ -130,6 +130,19 @@ def _scrape_after(url: str, steps_before: float, num_steps: int) -> dict[str, fl
     return values
 
 
+def scrape_settled(url: str) -> dict[str, float]:
+    """The series once the step count has stopped moving (after a job: its last step is
+    recorded after its last token was streamed)."""
+    values = scrape_steps(url)
+    for _ in range(_SETTLE_TRIES):
+        time.sleep(_SETTLE_S)
+        again = scrape_steps(url)
+        if again.get("steps") == values.get("steps"):
+            break
+        values = again
+    return values
+
+
 @dataclass(frozen=True)
 class CalibrationJob:
     """Phase seconds, wall time and iterations of one calibration job."""

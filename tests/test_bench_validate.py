@@ -194,7 +194,8 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
     truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4, request_s=2e-3,
                           prefill_attention_s_per_seq=2e-4, prefill_attention_s_per_token=1e-6,
                           prefill_attention_s_per_flop=2e-11, gemm_fixed_scale=0.9,
-                          gemm_token_scale=1.3, exchange_fixed_scale=2.0, exchange_byte_scale=1.5, attention_s_per_layer=1e-4,
+                          gemm_token_scale=1.3, exchange_fixed_scale=2.0,
+                          exchange_byte_scale=1.5, attention_s_per_layer=1e-4,
                           attention_s_per_row=2e-5, attention_s_per_token=1e-6)
     jobs = []
     for p, g, k in calibration_shapes(deployment):

@@ -53,7 +53,8 @@ def main() -> int:
     warm = [TokensPrompt(prompt_token_ids=p) for p in make_prompts(2, 8, vocab, args.seed + 99)]
     llm.generate(warm, SamplingParams(max_tokens=2, detokenize=False), use_tqdm=False)
     result = PeerResult("vLLM CPU", vllm.__version__, args.threads, args.prompt_len,
-                        args.gen_len, notes=f"VLLM_CPU_NUM_OF_RESERVED_CPU=0, both cores, {args.dtype}")
+                        args.gen_len,
+                        notes=f"VLLM_CPU_NUM_OF_RESERVED_CPU=0, both cores, {args.dtype}")
     for bs in sizes:
         prompts = [TokensPrompt(prompt_token_ids=p)
                    for p in make_prompts(bs, args.prompt_len, vocab, args.seed)]
