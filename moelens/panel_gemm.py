@@ -37,7 +37,9 @@ from moelens import native
 PANEL = 16
 MODES = ("auto", "panels", "torch")
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("panel_gemm.cpp", "prefill_attention.cpp", "row_stats.cpp")
+SOURCES = ("panel_gemm.cpp", "amx_gemm.cpp", "prefill_attention.cpp", "row_stats.cpp")
+AMX_DEPTH = 32
+"""bf16 weights are packed (for AMX) only when their K is a multiple of this: one tile product."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class PanelWeight:
 
     def unpack(self) -> torch.Tensor:
         """The plain weight [..., N, K] (for tests and checks)."""
-        plain = self.panels.transpose(-1, -2)  # [..., P, 16, K]
+        plain = _unpair(self.panels).transpose(-1, -2)  # [..., P, 16, K]
         lead, k = plain.shape[:-3], self.in_features
         if self.gated:
             pairs = plain.reshape(*lead, -1, 2, PANEL // 2, k)  # [..., P, 2, 8, K]
@@ -87,11 +89,30 @@ def pack(w: torch.Tensor, gated: bool = False) -> PanelWeight:
     if gated:
         return _pack_gated(w)
     *lead, n, k = w.shape
+    if w.dtype == torch.bfloat16 and k % AMX_DEPTH:
+        raise ValueError(f"bfloat16 panels need K a multiple of {AMX_DEPTH}, got {k}")
     padded = -(-n // PANEL) * PANEL
     if padded != n:
         w = torch.cat([w, w.new_zeros(*lead, padded - n, k)], dim=-2)
     panels = w.reshape(*lead, padded // PANEL, PANEL, k).transpose(-1, -2)  # [..., P, K, 16]
-    return PanelWeight(panels.contiguous(), n)
+    return PanelWeight(_pair(panels), n)
+
+
+def _pair(panels: torch.Tensor) -> torch.Tensor:
+    """bf16 panels in AMX order: rows k, k+1 interleaved (csrc/amx_gemm.cpp); fp32 as they are."""
+    if panels.dtype != torch.bfloat16:
+        return panels.contiguous()
+    *lead, k, width = panels.shape
+    pairs = panels.reshape(*lead, k // 2, 2, width).transpose(-1, -2)  # [..., K/2, 16, 2]
+    return pairs.reshape(*lead, k, width).contiguous()
+
+
+def _unpair(panels: torch.Tensor) -> torch.Tensor:
+    """The inverse of _pair."""
+    if panels.dtype != torch.bfloat16:
+        return panels
+    *lead, k, width = panels.shape
+    return panels.reshape(*lead, k // 2, width, 2).transpose(-1, -2).reshape(*lead, k, width)
 
 
 def _pack_gated(w: torch.Tensor) -> PanelWeight:
@@ -106,6 +127,12 @@ def _pack_gated(w: torch.Tensor) -> PanelWeight:
                         dim=-3)  # [..., P, 2, 8, K]
     interleaved = pairs.reshape(*lead, padded * 2, k)  # rows g0..g7 u0..u7 g8..
     return PanelWeight(pack(interleaved).panels, n, gated=True)
+
+
+def packable(w: torch.Tensor) -> bool:
+    """Whether the panel kernels take this weight [..., N, K]: any fp32 one, a bf16 one whose
+    K is a multiple of AMX_DEPTH."""
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and w.shape[-1] % AMX_DEPTH == 0)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | PanelWeight,
@@ -143,9 +170,10 @@ def grouped_swiglu(x: torch.Tensor, pair_token: torch.Tensor, pair_weight: torch
     expert) pairs sorted by expert: pair_token [R], pair_weight [R], counts [E] -> out [T, H]."""
     if not gate_up.gated or down.gated:
         raise ValueError("grouped_swiglu needs a gated gate/up weight and a plain down weight")
-    return _extension().grouped_swiglu(x, pair_token, pair_weight, counts, gate_up.panels,
-                                       down.panels, gate_up.out_features // 2,
-                                       torch.get_num_threads())
+    out = _extension().grouped_swiglu(x, pair_token, pair_weight.float(), counts, gate_up.panels,
+                                      down.panels, gate_up.out_features // 2,
+                                      torch.get_num_threads())
+    return out.to(x.dtype)  # the bf16 kernel sums the experts in fp32
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
@@ -165,7 +193,7 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def maybe_pack(w: torch.Tensor | None, enabled: bool,
                gated: bool = False) -> torch.Tensor | PanelWeight | None:
-    return pack(w, gated) if enabled and w is not None else w
+    return pack(w, gated) if enabled and w is not None and packable(w) else w
 
 
 @lru_cache(maxsize=None)
@@ -181,10 +209,13 @@ def _extension() -> ModuleType:
     return ext
 
 
-def is_supported() -> bool:
-    """The extension builds here and this CPU has AVX2 + FMA."""
+def is_supported(dtype: torch.dtype = torch.float32) -> bool:
+    """The extension builds here and this CPU runs its kernels for `dtype`: AVX2 + FMA for
+    float32, AMX-BF16 (and the kernel's permission to use it) for bfloat16."""
     ext = _load()
-    return ext is not None and bool(ext.supported())
+    if ext is None or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return bool(ext.supported() if dtype == torch.float32 else ext.amx_supported())
 
 
 def resolve_mode(mode: str, device: str, dtype: torch.dtype) -> bool:
@@ -193,15 +224,16 @@ def resolve_mode(mode: str, device: str, dtype: torch.dtype) -> bool:
         raise ValueError(f"cpu GEMM mode must be one of {MODES}, got {mode!r}")
     if mode == "torch":
         return False
-    usable = device == "cpu" and dtype == torch.float32
+    usable = device == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if mode == "panels":
         if not usable:
-            raise ValueError(f"panel GEMMs need the cpu device and float32 weights, "
+            raise ValueError(f"panel GEMMs need the cpu device and float32 or bfloat16 weights, "
                              f"got {device} and {dtype}")
-        if not is_supported():
-            raise ValueError("panel GEMMs need a CPU with AVX2 and FMA and a C++ compiler")
+        if not is_supported(dtype):
+            raise ValueError("panel GEMMs need a C++ compiler and a CPU with AVX2 and FMA "
+                             "(float32) or AMX-BF16 (bfloat16)")
         return True
-    return usable and is_supported()
+    return usable and is_supported(dtype)
 
 
 def supported_isas() -> list[str]:

@@ -94,9 +94,11 @@ def test_bad_inputs_raise_clear_errors():
 def test_resolve_mode():
     assert panel_gemm.resolve_mode("torch", "cpu", torch.float32) is False
     assert panel_gemm.resolve_mode("panels", "cpu", torch.float32) is True
-    assert panel_gemm.resolve_mode("auto", "cpu", torch.bfloat16) is False
+    assert panel_gemm.resolve_mode("auto", "cpu", torch.bfloat16) is panel_gemm.is_supported(
+        torch.bfloat16)
+    assert panel_gemm.resolve_mode("auto", "cuda", torch.bfloat16) is False
     assert panel_gemm.resolve_mode("auto", "cpu", torch.float32) is True
-    with pytest.raises(ValueError, match="cpu device and float32"):
+    with pytest.raises(ValueError, match="cpu device and float32 or bfloat16"):
         panel_gemm.resolve_mode("panels", "cpu", torch.float16)
     with pytest.raises(ValueError, match="must be one of"):
         panel_gemm.resolve_mode("mkl", "cpu", torch.float32)

@@ -13,6 +13,9 @@ import sys
 
 import grpc
 import pytest
+import torch
+
+from moelens import panel_gemm
 
 from moelens.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from services_fixture import running_services
@@ -54,6 +57,29 @@ def test_greedy_matches_transformers(tiny_checkpoints, family, transport):
     with running_services(model_dir, transport=transport) as services:
         got = [_generate(services.coordinator_address, p, NUM_TOKENS) for p in prompts]
     assert got == expected
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not panel_gemm.is_supported(torch.bfloat16),
+                    reason="the bf16 panel GEMMs need a CPU with AMX-BF16")
+def test_bf16_amx_greedy_agrees_with_transformers(tiny_checkpoints):
+    """--dtype bfloat16 on the CPU device, every GEMM on the AMX panel kernels. bf16 rounds
+    differently in every implementation, and HF's own bf16 run parts from its fp32 one on these
+    peaky models (an OLMoE router near-tie): the first tokens must equal HF's bf16 greedy ones,
+    and every token must be HF fp32's argmax on our sequence to within bf16 rounding."""
+    model_dir = tiny_checkpoints["olmoe"]
+    reference = load_reference(model_dir)
+    prompts = _prompts(reference.config.vocab_size)
+    with running_services(model_dir, dtype="bfloat16", kv_dtype="bfloat16") as services:
+        got = [_generate(services.coordinator_address, p, NUM_TOKENS) for p in prompts]
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, got):
+            logits = reference(torch.tensor([prompt + tokens])).logits[0]  # [S, V] fp32
+            steps = logits[len(prompt) - 1:-1]  # [G, V]: the logits each token was chosen from
+            ours = steps.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+            assert torch.all(steps.max(dim=1).values - ours <= 0.02 * steps.abs().max()), tokens
+        reference = reference.to(torch.bfloat16)
+        assert [t[:8] for t in got] == [hf_greedy(reference, p, 8) for p in prompts]
 
 
 @pytest.mark.slow

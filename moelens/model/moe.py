@@ -64,11 +64,12 @@ def grouped_experts(x: torch.Tensor, routing: Routing, gate_up: Weight,
     """Sum over each token's top-k experts of weight * expert(x), one GEMM per active expert.
 
     x: [T, H]; gate_up: [E, 2I, H]; down: [E, H, I] -> [T, H]. With panel weights the whole
-    layer is one fused call (panel_gemm.grouped_swiglu); the torch path below is the same math.
+    layer is one fused call (panel_gemm.grouped_swiglu); the path below is the same math, one
+    expert at a time (for a bf16 down weight whose K the AMX kernel cannot take, say).
     """
     pairs = group_by_expert(routing, gate_up.shape[0])
     token_of_pair = pairs.token
-    if isinstance(gate_up, PanelWeight):
+    if isinstance(gate_up, PanelWeight) and isinstance(down, PanelWeight):
         return panel_gemm.grouped_swiglu(x, token_of_pair, pairs.weight, pairs.counts, gate_up,
                                          down)
     counts = pairs.counts.tolist()

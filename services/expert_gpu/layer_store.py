@@ -37,7 +37,8 @@ class PackedLayout:
     def of(cls, layer: LayerWeights, panels: bool = False) -> "PackedLayout":
         entries, offset = [], 0
         for name, t in layer.tensors().items():
-            out_features = t.shape[-2] if panels and name in GEMM_FIELDS else 0
+            out_features = (t.shape[-2] if panels and name in GEMM_FIELDS and panel_gemm.packable(t)
+                            else 0)
             shape = panel_gemm.packed_shape(t.shape) if out_features else tuple(t.shape)
             entries.append((name, offset, shape, out_features))
             offset += -(-math.prod(shape) // ALIGN) * ALIGN

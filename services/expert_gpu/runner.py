@@ -96,7 +96,8 @@ class StepRunner:
         self.scale = cfg.head_dim ** -0.5
         self.dtype = weights.embed.dtype
         # the CPU device's panel kernels run prefill attention too (1.4-2.4x torch's SDPA there)
-        self.prefill_attention = panel_gemm.causal_attention if panels else prefill_attention
+        self.prefill_attention = (panel_gemm.causal_attention if panels and self.dtype == torch.float32
+                                  else prefill_attention)
 
     def run(self, step_id: int, seqs: list[SeqStep], rows: list[RowSampling],
             pipeline: bool) -> tuple[SampleOutput, StepTimings]:

@@ -1,0 +1,325 @@
+// bf16 GEMMs on Intel AMX for the CPU device: y = x · W^T with W packed once (at weight load)
+// into the panel order of panel_gemm.cpp, [P, K, 16], each panel's rows paired for AMX
+// ("VNNI": element (k, n) of a panel sits at (k / 2) * 32 + n * 2 + k % 2), so a 32-deep slice
+// of a panel is one B tile (16 rows of 16 pairs, 64 bytes a row).
+//
+// Why: oneDNN's bf16 matmul reorders the weight on every call; at the 16-64 rows per expert of a
+// decode step that costs as much as the multiply (a bench-mixtral expert at 64 rows: 1.0 ms plain,
+// 0.5 ms prepacked). With the weight already in tile order the only per-call copy is x's.
+//
+// Blocking: x is copied (gathered, for the experts) MC rows at a time into a zero-padded
+// [rows, K] block that stays in L2; threads split the column blocks of two panels; each column
+// block runs 32 x 32 outputs at a time in four C tiles (two A tiles of 16 rows, two B tiles).
+// The C tiles go through a small fp32 buffer to the epilogue: plain bf16 store, silu(gate) * up
+// for a gated gate/up weight (its panels hold 8 gate and the same 8 up columns, as in
+// panel_gemm.cpp), or routing-weighted adds into fp32 token rows for the experts' down GEMM.
+// K must be a multiple of 32 (moelens.panel_gemm packs only such weights in bf16).
+#include "amx_gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "simd_exp.h"
+#define MOELENS_AMX_X86 1
+#define MOELENS_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#else
+#define MOELENS_AMX_X86 0
+#endif
+
+namespace moelens::amx {
+namespace {
+
+constexpr int NR = 16;                     // columns per panel
+constexpr int KB = 32;                     // depth of one tile product (bf16 pairs x 16)
+constexpr int MB = 32;                     // rows per block: two A tiles
+constexpr int64_t ABLOCK_BYTES = 1 << 20;  // the copied x block [rows][K], within L2
+
+using bf16 = uint16_t;
+
+// Rows of x: row r is base + (idx ? idx[r] : r) * stride.
+struct Rows {
+  const bf16* base;
+  int64_t stride;
+  const int64_t* idx;
+  const bf16* row(int64_t r) const { return base + (idx ? idx[r] : r) * stride; }
+};
+
+#if MOELENS_AMX_X86
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes: C 0-3 (fp32 16 x 16), A 4-5 (bf16 16 x 32), B 6-7 (16 x 16 pairs).
+MOELENS_AMX void load_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  // GCC's _tile_loadconfig tells the compiler it reads only 8 bytes, which lets it drop the
+  // stores above; the barrier keeps them.
+  __asm__ __volatile__("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+MOELENS_AMX void release_tiles() { _tile_release(); }
+
+// c[2 row tiles][2 panels][16][16] = a[32 rows][K] · the panels b0, b1 ([K/2][16][2] each).
+// a is in tile order (`tiled`).
+MOELENS_AMX void block_32x32(const bf16* a, int64_t K, const bf16* b0, const bf16* b1, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < K; k += KB) {
+    _tile_loadd(4, a + k * 16, 64);
+    _tile_loadd(5, a + 16 * K + k * 16, 64);
+    _tile_loadd(6, b0 + k * NR, 64);
+    _tile_loadd(7, b1 + k * NR, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+}
+
+MOELENS_AMX inline __m512 c_row(const float* c, int r, int panel) {
+  return _mm512_loadu_ps(c + ((r / 16) * 2 + panel) * 256 + (r % 16) * 16);
+}
+
+// A operands are stored in tile order: element (r, k) of [rows, K] at tiled(r, k, K), so each
+// A tile (16 rows x 32) is 1 KiB contiguous. Row-major rows 2K bytes apart would put a tile's 16
+// lines into two L1 sets.
+inline int64_t tiled(int64_t r, int64_t k, int64_t K) {
+  return ((r / 16) * (K / KB) + k / KB) * (16 * KB) + (r % 16) * KB + k % KB;
+}
+
+// Epilogues get rows [row0, row0 + rows) of the GEMM and panels [panel0, panel0 + panels).
+struct StoreOut {  // y[M, N] bf16
+  bf16* y;
+  int64_t N;
+  MOELENS_AMX void operator()(int64_t row0, int rows, int64_t panel0, int panels,
+                              const float* c) const {
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < panels; ++p) {
+        const int64_t col = (panel0 + p) * NR;
+        const int n = int(std::min<int64_t>(NR, N - col));
+        const __m256i v = (__m256i)_mm512_cvtneps_pbh(c_row(c, r, p));
+        _mm256_mask_storeu_epi16(y + (row0 + r) * N + col, __mmask16((1u << n) - 1), v);
+      }
+  }
+};
+
+struct SwiGluOut {  // h[M, stride] bf16 (row-major, or `tile_order`), columns < inter written
+  bf16* h;
+  int64_t inter, stride;
+  bool tile_order;
+  MOELENS_AMX void operator()(int64_t row0, int rows, int64_t panel0, int panels,
+                              const float* c) const {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < panels; ++p) {
+        const int64_t col = (panel0 + p) * (NR / 2);
+        const int n = int(std::min<int64_t>(NR / 2, inter - col));
+        const __m512 gu = c_row(c, r, p);
+        const __m256 g = _mm512_castps512_ps256(gu), u = _mm512_extractf32x8_ps(gu, 1);
+        const __m256 e = _mm512_castps512_ps256(exp_avx512(_mm512_castps256_ps512(
+            _mm256_sub_ps(_mm256_setzero_ps(), g))));
+        const __m256 act = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
+        const __m128i v = (__m128i)_mm256_cvtneps_pbh(act);
+        const int64_t at = tile_order ? tiled(row0 + r, col, stride) : (row0 + r) * stride + col;
+        _mm_mask_storeu_epi16(h + at, __mmask8((1u << n) - 1), v);  // 8 columns: one tile row
+      }
+  }
+};
+
+struct ScatterAddOut {  // out[tok[r], :N] += w[r] * y[r] in fp32
+  float* out;
+  int64_t N;
+  const int64_t* tok;
+  const float* w;
+  MOELENS_AMX void operator()(int64_t row0, int rows, int64_t panel0, int panels,
+                              const float* c) const {
+    for (int r = 0; r < rows; ++r) {
+      const __m512 scale = _mm512_set1_ps(w[row0 + r]);
+      float* dst = out + tok[row0 + r] * N;
+      for (int p = 0; p < panels; ++p) {
+        const int64_t col = (panel0 + p) * NR;
+        const __mmask16 m = __mmask16((1u << std::min<int64_t>(NR, N - col)) - 1);
+        const __m512 acc = _mm512_maskz_loadu_ps(m, dst + col);
+        _mm512_mask_storeu_ps(dst + col, m, _mm512_fmadd_ps(scale, c_row(c, r, p), acc));
+      }
+    }
+  }
+};
+
+// Rows of x per copied block: a multiple of 32 whose [rows][K] block fits ABLOCK_BYTES.
+int64_t block_rows(int64_t K) {
+  return std::max<int64_t>(MB, ABLOCK_BYTES / (2 * K) / MB * MB);
+}
+
+// y = x[M, K] · W^T for panels wp [P, K, 16] through `epi`, inside an omp parallel region
+// (every thread calls it). `direct`: x is already in tile order with rows up to M rounded to 32
+// readable, so A tiles load from it; otherwise blocks of rows are copied into `ablock` in tile
+// order.
+template <typename Epi>
+MOELENS_AMX void run(const Rows& x, bool direct, int64_t M, int64_t K, const bf16* wp, int64_t P,
+                     const Epi& epi, bf16* ablock) {
+  alignas(64) float c[4 * 256];
+  const int64_t mc_max = block_rows(K), Q = (P + 1) / 2, panel_elems = K * NR;
+  for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
+    const int64_t mc = std::min(mc_max, M - m0), padded = (mc + MB - 1) / MB * MB;
+    const bf16* a = x.base + m0 * K;
+    if (!direct) {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < padded; ++r) {
+        const bf16* src = r < mc ? x.row(m0 + r) : nullptr;
+        for (int64_t k = 0; k < K; k += KB) {
+          bf16* dst = ablock + tiled(r, k, K);
+          if (src) std::memcpy(dst, src + k, KB * 2);
+          else std::memset(dst, 0, KB * 2);
+        }
+      }  // implicit barrier: the block is complete
+      a = ablock;
+    }
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < Q; ++q) {
+      const int panels = int(std::min<int64_t>(2, P - 2 * q));
+      const bf16* b0 = wp + 2 * q * panel_elems;
+      const bf16* b1 = panels == 2 ? b0 + panel_elems : b0;  // a lone last panel runs twice
+      for (int64_t r = 0; r < padded; r += MB) {
+        block_32x32(a + r * K, K, b0, b1, c);
+        epi(m0 + r, int(std::min<int64_t>(MB, mc - r)), 2 * q, panels, c);
+      }
+    }  // implicit barrier: nobody still reads the block
+  }
+}
+
+bool request_permission() {
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+#endif
+
+const bf16* data(const torch::Tensor& t) {
+  return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>());
+}
+
+bf16* data(torch::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
+
+void check_x(const torch::Tensor& x, const torch::Tensor& wp, int64_t num_threads) {
+  TORCH_CHECK_VALUE(supported(), "AMX GEMM: this CPU or kernel has no AMX-BF16");
+  TORCH_CHECK_VALUE(x.scalar_type() == torch::kBFloat16 && wp.scalar_type() == torch::kBFloat16,
+                    "AMX GEMM: x and the panels must be bfloat16, got ", x.scalar_type(),
+                    " and ", wp.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % KB == 0,
+                    "AMX GEMM: x must be [M, K] with K a multiple of 32, got ", x.sizes());
+  TORCH_CHECK_VALUE(num_threads >= 1, "AMX GEMM: num_threads must be >= 1");
+}
+
+}  // namespace
+
+bool supported() {
+#if MOELENS_AMX_X86
+  static const bool ok = __builtin_cpu_supports("avx512bf16") &&
+                         __builtin_cpu_supports("amx-bf16") && request_permission();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
+                     int64_t num_threads) {
+  check_x(x, wp, num_threads);
+  const auto xc = x.contiguous(), wc = wp.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty({M, out_features}, x.options());
+  if (M == 0) return y;
+#if MOELENS_AMX_X86
+  pybind11::gil_scoped_release no_gil;
+  std::vector<bf16> ablock(size_t(std::min(block_rows(K), (M + MB - 1) / MB * MB) * K));
+#pragma omp parallel num_threads(int(num_threads))
+  {
+    load_tile_config();
+    run(Rows{data(xc), K, nullptr}, false, M, K, data(wc), wc.size(0),
+        StoreOut{data(y), out_features}, ablock.data());
+    release_tiles();
+  }
+#endif
+  return y;
+}
+
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t inter,
+                     int64_t num_threads) {
+  check_x(x, wp, num_threads);
+  const auto xc = x.contiguous(), wc = wp.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto h = torch::empty({M, inter}, x.options());
+  if (M == 0) return h;
+#if MOELENS_AMX_X86
+  pybind11::gil_scoped_release no_gil;
+  std::vector<bf16> ablock(size_t(std::min(block_rows(K), (M + MB - 1) / MB * MB) * K));
+#pragma omp parallel num_threads(int(num_threads))
+  {
+    load_tile_config();
+    run(Rows{data(xc), K, nullptr}, false, M, K, data(wc), wc.size(0),
+        SwiGluOut{data(h), inter, inter, false}, ablock.data());
+    release_tiles();
+  }
+#endif
+  return h;
+}
+
+torch::Tensor grouped_swiglu(const torch::Tensor& x, const int64_t* tok, const float* weight,
+                             const int64_t* counts, const torch::Tensor& gate_up,
+                             const torch::Tensor& down, int64_t inter, int64_t num_threads) {
+  check_x(x, gate_up, num_threads);
+  TORCH_CHECK_VALUE(down.scalar_type() == torch::kBFloat16 && inter % KB == 0,
+                    "AMX GEMM: the down panels must be bfloat16 over a multiple of 32, got ",
+                    down.scalar_type(), " and I = ", inter);
+  const auto xc = x.contiguous(), gu = gate_up.contiguous(), dn = down.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = gu.size(0);
+  auto out = torch::zeros({T, H}, x.options().dtype(torch::kFloat32));
+#if MOELENS_AMX_X86
+  int64_t widest = 0;
+  for (int64_t e = 0; e < E; ++e) widest = std::max(widest, counts[e]);
+  if (widest == 0) return out;
+  pybind11::gil_scoped_release no_gil;
+  const int64_t padded = (widest + MB - 1) / MB * MB;
+  std::vector<bf16> ablock(size_t(std::min(block_rows(H), padded) * H));
+  // [rows, I]: rows past an expert's count hold an earlier expert's values, seen only by their own
+  // (discarded) outputs
+  std::vector<bf16> h(size_t(padded * inter), 0);  // in tile order
+  const int64_t p_up = gu.size(1), p_down = dn.size(1);
+#pragma omp parallel num_threads(int(num_threads))
+  {
+    load_tile_config();
+    int64_t start = 0;
+    for (int64_t e = 0; e < E; start += counts[e], ++e) {
+      if (counts[e] == 0) continue;
+      run(Rows{data(xc), H, tok + start}, false, counts[e], H, data(gu) + e * p_up * H * NR, p_up,
+          SwiGluOut{h.data(), inter, inter, true}, ablock.data());
+#pragma omp barrier  // h is complete
+      run(Rows{h.data(), inter, nullptr}, true, counts[e], inter,
+          data(dn) + e * p_down * inter * NR, p_down,
+          ScatterAddOut{out.data_ptr<float>(), H, tok + start, weight + start}, ablock.data());
+    }  // run's last barrier: h is free for the next expert
+    release_tiles();
+  }
+#endif
+  return out;
+}
+
+}  // namespace moelens::amx

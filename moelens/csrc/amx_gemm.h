@@ -1,0 +1,24 @@
+// bf16 GEMMs on Intel AMX with weights packed as tile-ordered panels (amx_gemm.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+namespace moelens::amx {
+
+// This CPU has AMX-BF16 and AVX512-BF16 and the kernel lets this process use the tiles.
+bool supported();
+
+// y[M, N] = x[M, K] · W^T, W as panels wp [P, K, 16] (bf16, rows paired).
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
+                     int64_t num_threads);
+
+// silu(x · gate^T) * (x · up^T) for a gated weight wp [P, K, 16] -> h [M, inter].
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t inter,
+                     int64_t num_threads);
+
+// panel_gemm.cpp's grouped_swiglu in bf16, its arguments already checked -> fp32 out [T, H].
+torch::Tensor grouped_swiglu(const torch::Tensor& x, const int64_t* tok, const float* weight,
+                             const int64_t* counts, const torch::Tensor& gate_up,
+                             const torch::Tensor& down, int64_t inter, int64_t num_threads);
+
+}  // namespace moelens::amx
