@@ -1,4 +1,5 @@
-"""The CPU device's fp32 GEMM: weights packed once into 16-column panels (csrc/panel_gemm.cpp).
+"""The CPU device's GEMMs: weights packed once into 16-column panels (csrc/panel_gemm.cpp for
+fp32, csrc/amx_gemm.cpp for bf16 on AMX, where each panel's rows are paired in tile order).
 
 Legend: M rows, K input features, N output features, P = ceil(N / 16) panels.
 
@@ -18,8 +19,9 @@ fused argmax + logsumexp (`argmax_logsumexp`, csrc/row_stats.cpp).
 
 The micro-kernel is chosen at run time: 12 x 32 on AVX-512 CPUs, 6 x 16 on AVX2 ones
 (`supported_isas`, `set_isa` to pin one). When panels are used (`resolve_mode`): "auto" picks
-them on the CPU device with fp32 weights wherever the extension builds; "panels" insists (an
-error if impossible), "torch" never uses them.
+them on the CPU device with fp32 weights wherever the extension builds and with bf16 weights
+where the CPU has AMX-BF16 (bf16 weights whose K is not a multiple of 32 stay plain, on torch);
+"panels" insists (an error if impossible), "torch" never uses them.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def measure_attention_bandwidth(cfg: ModelConfig, kernel: AttentionKernel | None
                                    cfg.head_dim)
     k_pool = torch.empty(k_shape, dtype=dtype).uniform_(-1, 1)  # [N, Hkv, D, B]
     v_pool = torch.empty(v_shape, dtype=dtype).uniform_(-1, 1)  # [N, Hkv, B, D]
-    q = torch.empty(num_seqs, cfg.num_heads, cfg.head_dim, dtype=dtype).uniform_(-1, 1)
+    q = torch.empty(num_seqs, cfg.num_heads, cfg.head_dim).uniform_(-1, 1)  # fp32 whatever the KV
     tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, -1)
     lens = torch.full((num_seqs,), context_len, dtype=torch.int32)
     scale = cfg.head_dim ** -0.5
@@ -253,8 +253,10 @@ class ProfilerSettings:
 def profile_local(cfg: ModelConfig, quick: bool = False, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32,
                   attention_kernel: AttentionKernel | None = None,
-                  exchange: Callable[[int], None] | None = None) -> HardwareProfile:
-    """Measure everything on this machine for `cfg`'s layer shapes and return the profile."""
+                  exchange: Callable[[int], None] | None = None,
+                  kv_dtype: torch.dtype = torch.float32) -> HardwareProfile:
+    """Measure everything on this machine for `cfg`'s layer shapes and return the profile: GEMMs
+    in the served `dtype`, attention over a `kv_dtype` cache."""
     device = torch.device(device)
     settings = ProfilerSettings.quick() if quick else ProfilerSettings()
     # The torch reference loops over rows in Python and is far slower than the native kernel: a
@@ -275,8 +277,7 @@ def profile_local(cfg: ModelConfig, quick: bool = False, device: str | torch.dev
                                                         repeats=settings.repeats),
         gemm_intercept_s=gemm.intercept_s, gemm_slope_s_per_token=gemm.slope_s_per_token,
         attention_kv_bytes_per_s=measure_attention_bandwidth(
-            cfg, attention_kernel, pool_bytes, dtype=torch.float32,
-            repeats=settings.repeats),
+            cfg, attention_kernel, pool_bytes, dtype=kv_dtype, repeats=settings.repeats),
         host_memory_bandwidth_bytes_per_s=measure_host_memory_bandwidth(
             settings.memory_bytes, settings.repeats),
         exchange_fixed_s=fixed, exchange_s_per_byte=per_byte,

@@ -108,7 +108,9 @@ def _predict(cfg: ModelConfig, setup: Setup, args: argparse.Namespace) -> tuple[
         from services.attention_cpu import kernel
         torch.set_num_threads(setup.threads)
         profile = profile_local(cfg, quick=args.quick_profile,
-                                attention_kernel=kernel.paged_attention)
+                                dtype=getattr(torch, setup.model_info.dtype or "float32"),
+                                attention_kernel=kernel.paged_attention,
+                                kv_dtype=getattr(torch, args.kv_dtype or "float32"))
         source = (f"measured now by moelens.profiler ({'quick, ' if args.quick_profile else ''}"
                   f"{setup.threads} threads, native attention kernel)")
     kv_bytes = dtype_bytes(args.kv_dtype or "float32")

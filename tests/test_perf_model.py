@@ -350,6 +350,19 @@ def test_profiler_quick_gives_positive_numbers():
     assert HardwareProfile.from_dict(profile.to_dict()) == profile
 
 
+def test_profiler_measures_in_the_served_dtypes():
+    """bf16 GEMMs (AMX panels where the CPU has them, torch otherwise) and a bf16 KV cache."""
+    import torch
+    from moelens.profiler import measure_attention_bandwidth, measure_gemm_line
+    from services.attention_cpu import kernel
+    cfg = parse_config(SMALL)
+    line = measure_gemm_line(cfg, (16, 64), dtype=torch.bfloat16, repeats=1)
+    assert all(s > 0 for s in line.seconds)
+    kv = measure_attention_bandwidth(cfg, kernel.paged_attention, 1 << 20, dtype=torch.bfloat16,
+                                     repeats=1)
+    assert math.isfinite(kv) and kv > 0
+
+
 # CLI --------------------------------------------------------------------------------------------
 
 def _predict_args(tmp_path, **overrides) -> argparse.Namespace:
