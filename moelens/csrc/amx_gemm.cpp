@@ -240,47 +240,54 @@ bool supported() {
 #endif
 }
 
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
-                     int64_t num_threads) {
+#if MOELENS_AMX_X86
+namespace {
+
+// out [M, columns] = x · W^T through the epilogue `make_epi(out)` builds, on `num_threads`.
+template <typename MakeEpi>
+torch::Tensor run_plain(const torch::Tensor& x, const torch::Tensor& wp, int64_t columns,
+                        int64_t num_threads, const MakeEpi& make_epi) {
   check_x(x, wp, num_threads);
   const auto xc = x.contiguous(), wc = wp.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  auto y = torch::empty({M, out_features}, x.options());
-  if (M == 0) return y;
-#if MOELENS_AMX_X86
+  auto out = torch::empty({M, columns}, x.options());
+  if (M == 0) return out;
+  const auto epi = make_epi(data(out));
   pybind11::gil_scoped_release no_gil;
   std::vector<bf16> ablock(size_t(std::min(block_rows(K), (M + MB - 1) / MB * MB) * K));
 #pragma omp parallel num_threads(int(num_threads))
   {
     load_tile_config();
-    run(Rows{data(xc), K, nullptr}, false, M, K, data(wc), wc.size(0),
-        StoreOut{data(y), out_features}, ablock.data());
+    run(Rows{data(xc), K, nullptr}, false, M, K, data(wc), wc.size(0), epi, ablock.data());
     release_tiles();
   }
-#endif
-  return y;
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
+                     int64_t num_threads) {
+  return run_plain(x, wp, out_features, num_threads,
+                   [&](bf16* y) { return StoreOut{y, out_features}; });
 }
 
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t inter,
                      int64_t num_threads) {
-  check_x(x, wp, num_threads);
-  const auto xc = x.contiguous(), wc = wp.contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  auto h = torch::empty({M, inter}, x.options());
-  if (M == 0) return h;
-#if MOELENS_AMX_X86
-  pybind11::gil_scoped_release no_gil;
-  std::vector<bf16> ablock(size_t(std::min(block_rows(K), (M + MB - 1) / MB * MB) * K));
-#pragma omp parallel num_threads(int(num_threads))
-  {
-    load_tile_config();
-    run(Rows{data(xc), K, nullptr}, false, M, K, data(wc), wc.size(0),
-        SwiGluOut{data(h), inter, inter, false}, ablock.data());
-    release_tiles();
-  }
-#endif
-  return h;
+  return run_plain(x, wp, inter, num_threads,
+                   [&](bf16* h) { return SwiGluOut{h, inter, inter, false}; });
 }
+#else
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t, int64_t threads) {
+  check_x(x, wp, threads);  // raises: no AMX here
+  return {};
+}
+
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t, int64_t threads) {
+  check_x(x, wp, threads);
+  return {};
+}
+#endif
 
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const int64_t* tok, const float* weight,
                              const int64_t* counts, const torch::Tensor& gate_up,
