@@ -37,15 +37,11 @@ def test_matches_float64_linear(m, n, k):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree(threads):
+def test_thread_counts_agree(threads, torch_threads):
     gen = torch.Generator().manual_seed(threads)
     x, w = _bf16(150, 320, gen=gen), _bf16(250, 320, gen=gen, scale=0.05)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = panel_gemm.linear(x, panel_gemm.pack(w))
-    finally:
-        torch.set_num_threads(previous)
+    torch_threads(threads)
+    got = panel_gemm.linear(x, panel_gemm.pack(w))
     assert _close(got, F.linear(x.double(), w.double()))
 
 

@@ -47,15 +47,11 @@ def test_matches_float64_linear(m, n, k, isa):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree(threads, isa):
+def test_thread_counts_agree(threads, isa, torch_threads):
     gen = torch.Generator().manual_seed(threads)
     x, w = torch.randn(150, 300, generator=gen), torch.randn(250, 300, generator=gen)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = panel_gemm.linear(x, panel_gemm.pack(w))
-    finally:
-        torch.set_num_threads(previous)
+    torch_threads(threads)
+    got = panel_gemm.linear(x, panel_gemm.pack(w))
     assert torch.allclose(got.double(), _reference(x, w), atol=1e-3, rtol=1e-5)
 
 
