@@ -1,7 +1,7 @@
 """Where one decoder layer's time goes on the CPU device: GEMM calls vs everything else.
 
     .venv/bin/python bench/layer_timing.py [--model bench-mixtral] [--tokens 256,1024]
-        [--cpu-gemm auto|panels|torch] [--threads 2]
+        [--cpu-gemm auto|panels|torch] [--threads 2] [--dtype float32|bfloat16]
 
 Runs `pre_attention` + `post_attention` of layer 0 (attention output random) as the expert
 service does, with its weight layout, and times every GEMM call inside (`linear`, and with panels
@@ -32,10 +32,12 @@ def main() -> None:
     parser.add_argument("--cpu-gemm", default="auto", choices=panel_gemm.MODES)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, weights = load_weights(resolve_bench_model(args.model))
-    panels = panel_gemm.resolve_mode(args.cpu_gemm, "cpu", torch.float32)
+    dtype = getattr(torch, args.dtype)
+    cfg, weights = load_weights(resolve_bench_model(args.model), dtype)
+    panels = panel_gemm.resolve_mode(args.cpu_gemm, "cpu", dtype)
     layer = LayerStore(weights.layers[:1], torch.device("cpu"), 1, panels).layer(0)
     inv_freq = stages.rope_inv_freq(cfg)
     gemm = {"s": 0.0, "flops": 0.0}
@@ -58,12 +60,12 @@ def main() -> None:
     moe.linear = stages.linear = timed(panel_gemm.linear, linear_flops)
     panel_gemm.swiglu = timed(panel_gemm.swiglu, linear_flops)
     panel_gemm.grouped_swiglu = timed(panel_gemm.grouped_swiglu, experts_flops)
-    print(f"{'panels' if panels else 'F.linear'} GEMMs, {args.threads} threads")
+    print(f"{'panels' if panels else 'F.linear'} GEMMs, {args.dtype}, {args.threads} threads")
     for n in (int(t) for t in args.tokens.split(",")):
-        hidden = torch.randn(n, cfg.hidden_size)  # [T, H]
+        hidden = torch.randn(n, cfg.hidden_size, dtype=dtype)  # [T, H]
         rope = stages.rope_tables(torch.arange(n) % cfg.max_position_embeddings, inv_freq,
                                   hidden.dtype)
-        attn = torch.randn(n, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
+        attn = torch.randn(n, cfg.num_heads, cfg.head_dim, dtype=dtype)  # [T, Hq, D]
         best = None
         with torch.inference_mode():
             for _ in range(args.repeats):
