@@ -125,22 +125,26 @@ struct SwiGluOut {  // h[M, stride] bf16 (row-major, or `tile_order`), columns <
   bf16* h;
   int64_t inter, stride;
   bool tile_order;
+  // The two panels of a block (`run` passes an even panel0) hold 8 gate and 8 up columns each,
+  // for h's 16 consecutive columns 8 * panel0 ...: one 16-lane silu(g) * u per row, 1 / (1 + e)
+  // by rcp14 and one Newton step (exp is clamped, so 1 + e is finite).
   MOELENS_AMX void operator()(int64_t row0, int rows, int64_t panel0, int panels,
                               const float* c) const {
-    const __m256 one = _mm256_set1_ps(1.f);
-    for (int r = 0; r < rows; ++r)
-      for (int p = 0; p < panels; ++p) {
-        const int64_t col = (panel0 + p) * (NR / 2);
-        const int n = int(std::min<int64_t>(NR / 2, inter - col));
-        const __m512 gu = c_row(c, r, p);
-        const __m256 g = _mm512_castps512_ps256(gu), u = _mm512_extractf32x8_ps(gu, 1);
-        const __m256 e = _mm512_castps512_ps256(exp_avx512(_mm512_castps256_ps512(
-            _mm256_sub_ps(_mm256_setzero_ps(), g))));
-        const __m256 act = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
-        const __m128i v = (__m128i)_mm256_cvtneps_pbh(act);
-        const int64_t at = tile_order ? tiled(row0 + r, col, stride) : (row0 + r) * stride + col;
-        _mm_mask_storeu_epi16(h + at, __mmask8((1u << n) - 1), v);  // 8 columns: one tile row
-      }
+    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+    const int64_t col = panel0 * (NR / 2);
+    const int n = int(std::min<int64_t>(panels * (NR / 2), inter - col));
+    const __mmask16 mask = __mmask16((1u << n) - 1);
+    for (int r = 0; r < rows; ++r) {
+      const __m512 gu0 = c_row(c, r, 0), gu1 = c_row(c, r, panels - 1);
+      const __m512 g = _mm512_shuffle_f32x4(gu0, gu1, 0x44);  // gate lanes of both panels
+      const __m512 u = _mm512_shuffle_f32x4(gu0, gu1, 0xEE);  // up lanes
+      const __m512 d = _mm512_add_ps(one, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+      __m512 inv = _mm512_rcp14_ps(d);
+      inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, two));
+      const __m512 act = _mm512_mul_ps(_mm512_mul_ps(g, u), inv);
+      const int64_t at = tile_order ? tiled(row0 + r, col, stride) : (row0 + r) * stride + col;
+      _mm256_mask_storeu_epi16(h + at, mask, (__m256i)_mm512_cvtneps_pbh(act));  // within a tile row
+    }
   }
 };
 
