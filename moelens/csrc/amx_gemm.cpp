@@ -168,6 +168,9 @@ struct ScatterAddOut {  // out[tok[r], :N] += w[r] * y[r] in fp32
   }
 };
 
+// m rounded up to whole blocks of two A tiles.
+inline int64_t padded_rows(int64_t m) { return (m + MB - 1) / MB * MB; }
+
 // Rows of x per copied block: a multiple of 32 whose [rows][K] block fits ABLOCK_BYTES.
 int64_t block_rows(int64_t K) {
   return std::max<int64_t>(MB, ABLOCK_BYTES / (2 * K) / MB * MB);
@@ -183,7 +186,7 @@ MOELENS_AMX void run(const Rows& x, bool direct, int64_t M, int64_t K, const bf1
   alignas(64) float c[4 * 256];
   const int64_t mc_max = block_rows(K), Q = (P + 1) / 2, panel_elems = K * NR;
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
-    const int64_t mc = std::min(mc_max, M - m0), padded = (mc + MB - 1) / MB * MB;
+    const int64_t mc = std::min(mc_max, M - m0), padded = padded_rows(mc);
     const bf16* a = x.base + m0 * K;
     if (!direct) {
 #pragma omp for schedule(static)
@@ -258,7 +261,7 @@ torch::Tensor run_plain(const torch::Tensor& x, const torch::Tensor& wp, int64_t
   if (M == 0) return out;
   const auto epi = make_epi(data(out));
   pybind11::gil_scoped_release no_gil;
-  std::vector<bf16> ablock(size_t(std::min(block_rows(K), (M + MB - 1) / MB * MB) * K));
+  std::vector<bf16> ablock(size_t(std::min(block_rows(K), padded_rows(M)) * K));
 #pragma omp parallel num_threads(int(num_threads))
   {
     load_tile_config();
@@ -308,7 +311,7 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const int64_t* tok, const f
   for (int64_t e = 0; e < E; ++e) widest = std::max(widest, counts[e]);
   if (widest == 0) return out;
   pybind11::gil_scoped_release no_gil;
-  const int64_t padded = (widest + MB - 1) / MB * MB;
+  const int64_t padded = padded_rows(widest);
   std::vector<bf16> ablock(size_t(std::min(block_rows(H), padded) * H));
   // [rows, I]: rows past an expert's count hold an earlier expert's values, seen only by their own
   // (discarded) outputs
