@@ -1,5 +1,5 @@
 """The CPU device's GEMMs: weights packed once into 16-column panels (csrc/panel_gemm.cpp for
-fp32, csrc/amx_gemm.cpp for bf16 on AMX, where each panel's rows are paired in tile order).
+fp32, csrc/bf16_gemm.cpp for bf16 on AMX or AVX512-BF16, where each panel's rows are paired).
 
 Legend: M rows, K input features, N output features, P = ceil(N / 16) panels.
 
@@ -18,9 +18,11 @@ GEMM's micro-kernel (`causal_attention`, csrc/prefill_attention.cpp) and the gre
 fused argmax + logsumexp (`argmax_logsumexp`, csrc/row_stats.cpp).
 
 The micro-kernel is chosen at run time: 12 x 32 on AVX-512 CPUs, 6 x 16 on AVX2 ones
-(`supported_isas`, `set_isa` to pin one). When panels are used (`resolve_mode`): "auto" picks
-them on the CPU device with fp32 weights wherever the extension builds and with bf16 weights
-where the CPU has AMX-BF16 (bf16 weights whose K is not a multiple of 32 stay plain, on torch);
+(`supported_isas`, `set_isa` to pin one); in bf16, AMX tiles where the CPU has AMX-BF16, else
+VDPBF16PS on AVX512-BF16 CPUs (`bf16_engines`, `set_bf16_engine`). When panels are used
+(`resolve_mode`): "auto" picks them on the CPU device with fp32 weights wherever the extension
+builds and with bf16 weights where the CPU has a bf16 engine (bf16 weights whose K is not a
+multiple of 32 stay plain, on torch);
 "panels" insists (an error if impossible), "torch" never uses them.
 """
 
@@ -39,9 +41,9 @@ from moelens import native
 PANEL = 16
 MODES = ("auto", "panels", "torch")
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("panel_gemm.cpp", "amx_gemm.cpp", "prefill_attention.cpp", "row_stats.cpp")
-AMX_DEPTH = 32
-"""bf16 weights are packed (for AMX) only when their K is a multiple of this: one tile product."""
+SOURCES = ("panel_gemm.cpp", "bf16_gemm.cpp", "prefill_attention.cpp", "row_stats.cpp")
+BF16_DEPTH = 32
+"""bf16 weights are packed only when their K is a multiple of this: one AMX tile product."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,8 @@ def pack(w: torch.Tensor, gated: bool = False) -> PanelWeight:
     if gated:
         return _pack_gated(w)
     *lead, n, k = w.shape
-    if w.dtype == torch.bfloat16 and k % AMX_DEPTH:
-        raise ValueError(f"bfloat16 panels need K a multiple of {AMX_DEPTH}, got {k}")
+    if w.dtype == torch.bfloat16 and k % BF16_DEPTH:
+        raise ValueError(f"bfloat16 panels need K a multiple of {BF16_DEPTH}, got {k}")
     padded = -(-n // PANEL) * PANEL
     if padded != n:
         w = torch.cat([w, w.new_zeros(*lead, padded - n, k)], dim=-2)
@@ -101,7 +103,7 @@ def pack(w: torch.Tensor, gated: bool = False) -> PanelWeight:
 
 
 def _pair(panels: torch.Tensor) -> torch.Tensor:
-    """bf16 panels in AMX order: rows k, k+1 interleaved (csrc/amx_gemm.cpp); fp32 as they are."""
+    """bf16 panels in pair order: rows k, k+1 interleaved (csrc/bf16_gemm.cpp); fp32 as they are."""
     if panels.dtype != torch.bfloat16:
         return panels.contiguous()
     *lead, k, width = panels.shape
@@ -133,8 +135,8 @@ def _pack_gated(w: torch.Tensor) -> PanelWeight:
 
 def packable(w: torch.Tensor) -> bool:
     """Whether the panel kernels take this weight [..., N, K]: any fp32 one, a bf16 one whose
-    K is a multiple of AMX_DEPTH."""
-    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and w.shape[-1] % AMX_DEPTH == 0)
+    K is a multiple of BF16_DEPTH."""
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and w.shape[-1] % BF16_DEPTH == 0)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | PanelWeight,
@@ -213,11 +215,11 @@ def _extension() -> ModuleType:
 
 def is_supported(dtype: torch.dtype = torch.float32) -> bool:
     """The extension builds here and this CPU runs its kernels for `dtype`: AVX2 + FMA for
-    float32, AMX-BF16 (and the kernel's permission to use it) for bfloat16."""
+    float32, AMX-BF16 or AVX512-BF16 for bfloat16."""
     ext = _load()
     if ext is None or dtype not in (torch.float32, torch.bfloat16):
         return False
-    return bool(ext.supported() if dtype == torch.float32 else ext.amx_supported())
+    return bool(ext.supported() if dtype == torch.float32 else ext.bf16_supported())
 
 
 def resolve_mode(mode: str, device: str, dtype: torch.dtype) -> bool:
@@ -233,7 +235,7 @@ def resolve_mode(mode: str, device: str, dtype: torch.dtype) -> bool:
                              f"got {device} and {dtype}")
         if not is_supported(dtype):
             raise ValueError("panel GEMMs need a C++ compiler and a CPU with AVX2 and FMA "
-                             "(float32) or AMX-BF16 (bfloat16)")
+                             "(float32) or AMX-BF16 / AVX512-BF16 (bfloat16)")
         return True
     return usable and is_supported(dtype)
 
@@ -247,3 +249,14 @@ def set_isa(name: str | None) -> str:
     """Pin the micro-kernel ("avx512" or "avx2"; None: the best this CPU has, the default);
     returns the one now in use. For tests and A/B runs."""
     return _extension().set_isa(name or "")
+
+
+def bf16_engines() -> list[str]:
+    """The bf16 engines this CPU runs, best first: "amx" (tiles), "avx512_bf16" (VDPBF16PS)."""
+    return list(_extension().bf16_engines()) if is_supported(torch.bfloat16) else []
+
+
+def set_bf16_engine(name: str | None) -> str:
+    """Pin the bf16 engine ("amx" or "avx512_bf16"; None: the best this CPU has, the default);
+    returns the one now in use. For tests and A/B runs."""
+    return _extension().set_bf16_engine(name or "")

@@ -61,9 +61,10 @@ def test_greedy_matches_transformers(tiny_checkpoints, family, transport):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not panel_gemm.is_supported(torch.bfloat16),
-                    reason="the bf16 panel GEMMs need a CPU with AMX-BF16")
-def test_bf16_amx_greedy_agrees_with_transformers(tiny_checkpoints):
-    """--dtype bfloat16 on the CPU device, every GEMM on the AMX panel kernels. bf16 rounds
+                    reason="the bf16 panel GEMMs need a CPU with AMX-BF16 or AVX512-BF16")
+def test_bf16_panels_greedy_agrees_with_transformers(tiny_checkpoints):
+    """--dtype bfloat16 on the CPU device, every GEMM on the bf16 panel kernels (AMX or
+    AVX512-BF16, whichever the CPU has) and prefill attention on the fp32 one. bf16 rounds
     differently in every implementation, and HF's own bf16 run parts from its fp32 one on these
     peaky models (an OLMoE router near-tie): the first tokens must equal HF's bf16 greedy ones,
     and every token must be HF fp32's argmax on our sequence to within bf16 rounding."""

@@ -1,7 +1,7 @@
-"""Peer: llama.cpp through llama-cpp-python 0.3.36 (built from source, f32 GGUF), batched.
+"""Peer: llama.cpp through llama-cpp-python 0.3.36 (built from source, f32 or bf16 GGUF), batched.
 
 Conversion: the checkpoint goes through the sdist's own vendor/llama.cpp/convert_hf_to_gguf.py
-at --outtype f32. That script wants a tokenizer file in the model folder, and our byte-level
+at --outtype f32 (`--dtype float32`, default) or bf16 (`--dtype bfloat16`). That script wants a tokenizer file in the model folder, and our byte-level
 tokenizer.json is not one it recognises, so the conversion folder gets a small SentencePiece
 model trained here (the converter pads the vocabulary to the model's 32000 with [PAD] tokens;
 the benchmark feeds ids, never text). The weights are linked, not copied.
@@ -58,9 +58,12 @@ def train_tokenizer(out: Path, vocab_size: int = 512) -> None:
     out.write_bytes(model.getvalue())
 
 
-def convert(model_dir: Path, sdist: Path, work: Path) -> Path:
-    """The f32 GGUF of model_dir (made once, kept in `work`)."""
-    gguf = work / "model-f32.gguf"
+OUTTYPES = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def convert(model_dir: Path, sdist: Path, work: Path, outtype: str) -> Path:
+    """The GGUF of model_dir in `outtype` (f32, bf16; made once, kept in `work`)."""
+    gguf = work / f"model-{outtype}.gguf"
     if gguf.is_file():
         return gguf
     folder = work / "hf"
@@ -73,7 +76,7 @@ def convert(model_dir: Path, sdist: Path, work: Path) -> Path:
                 target.symlink_to(path.resolve())
     train_tokenizer(folder / "tokenizer.model")
     script = sdist / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    subprocess.run([sys.executable, str(script), str(folder), "--outtype", "f32",
+    subprocess.run([sys.executable, str(script), str(folder), "--outtype", outtype,
                     "--outfile", str(gguf)], check=True, cwd=script.parent)
     return gguf
 
@@ -144,12 +147,15 @@ def main() -> int:
                         help="the unpacked llama-cpp-python sdist (for convert_hf_to_gguf.py)")
     parser.add_argument("--work", required=True, type=Path,
                         help="folder for the conversion and the GGUF (kept between runs)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(OUTTYPES),
+                        help="the GGUF's weight type")
     args = parser.parse_args()
     import llama_cpp
-    gguf = convert(Path(args.model), args.sdist, args.work)
+    outtype = OUTTYPES[args.dtype]
+    gguf = convert(Path(args.model), args.sdist, args.work, outtype)
     vocab = vocab_size_of(args.model)
     result = PeerResult("llama.cpp (llama-cpp-python)", llama_cpp.__version__, args.threads,
-                        args.prompt_len, args.gen_len, notes="f32 GGUF, batched low-level API")
+                        args.prompt_len, args.gen_len, notes=f"{outtype} GGUF, batched low-level API")
     for bs in batch_sizes(args.batch_sizes):
         engine = Engine(gguf, bs, args.prompt_len + args.gen_len, args.threads)
         try:

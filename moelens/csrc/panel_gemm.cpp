@@ -35,7 +35,7 @@
 #include <string>
 #include <vector>
 
-#include "amx_gemm.h"
+#include "bf16_gemm.h"
 #include "micro_kernel.h"
 #include "prefill_attention.h"
 #include "row_stats.h"
@@ -377,7 +377,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t ou
                      int64_t num_threads) {
   if (wp.scalar_type() == torch::kBFloat16) {
     check_panels(wp, 3, x.size(1), out_features, "weight");
-    return moelens::amx::linear(x, wp, out_features, num_threads);
+    return moelens::bf16::linear(x, wp, out_features, num_threads);
   }
   check_x(x, num_threads);
   check_panels(wp, 3, x.size(1), out_features, "weight");
@@ -414,7 +414,7 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t in
   check_panels(wp, 3, x.size(1), 2 * inter, "gate/up");
   TORCH_CHECK_VALUE(wp.size(0) == (inter + 7) / 8, "panel GEMM: a gated weight of I = ", inter,
                     " has ", (inter + 7) / 8, " panels, got ", wp.size(0));
-  if (wp.scalar_type() == torch::kBFloat16) return moelens::amx::swiglu(x, wp, inter, num_threads);
+  if (wp.scalar_type() == torch::kBFloat16) return moelens::bf16::swiglu(x, wp, inter, num_threads);
   check_x(x, num_threads);
   TORCH_CHECK_VALUE(x.size(1) > 0, "panel GEMM: x has no columns");
   const auto xc = row_major(x);
@@ -441,8 +441,8 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& pair_t
                              const torch::Tensor& pair_weight, const torch::Tensor& counts,
                              const torch::Tensor& gate_up, const torch::Tensor& down,
                              int64_t inter, int64_t num_threads) {
-  const bool amx = gate_up.scalar_type() == torch::kBFloat16;
-  if (!amx) check_x(x, num_threads);
+  const bool is_bf16 = gate_up.scalar_type() == torch::kBFloat16;
+  if (!is_bf16) check_x(x, num_threads);
   TORCH_CHECK_VALUE(x.dim() == 2, "panel GEMM: x must be [M, K], got ", x.sizes());
   const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), R = pair_token.numel();
   check_panels(gate_up, 4, H, 2 * inter, "gate/up");
@@ -473,7 +473,7 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& pair_t
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK_VALUE(tok[r] >= 0 && tok[r] < T, "panel GEMM: pair ", r, " names token ",
                       tok[r], ", x has ", T);
-  if (amx) return moelens::amx::grouped_swiglu(x, tok, weights.data_ptr<float>(), cnt, gu, dn,
+  if (is_bf16) return moelens::bf16::grouped_swiglu(x, tok, weights.data_ptr<float>(), cnt, gu, dn,
                                                inter, num_threads);
   auto out = torch::zeros({T, H}, x.options());
   if (R == 0) return out;
@@ -511,7 +511,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_logsumexp", &moelens::argmax_logsumexp,
         "each row's first argmax and logsumexp (row_stats.cpp)");
   m.def("supported", &cpu_supported, "this CPU has AVX2 and FMA");
-  m.def("amx_supported", &moelens::amx::supported, "this CPU and kernel run AMX-BF16 tiles");
+  m.def("bf16_supported", &moelens::bf16::supported, "this CPU runs a bf16 engine");
+  m.def("bf16_engines", &moelens::bf16::engines, "bf16 engines this CPU runs, best first");
+  m.def("set_bf16_engine", &moelens::bf16::set_engine,
+        "pin the bf16 engine: amx, avx512_bf16, or '' for the best");
   m.def("set_isa", &set_isa, "pin the micro-kernel: avx512, avx2, or '' for the best");
   m.def("supported_isas", &supported_isas, "micro-kernels this CPU runs, best first");
 }

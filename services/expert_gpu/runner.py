@@ -86,6 +86,13 @@ def split_groups(seqs: list[SeqStep], pipeline: bool) -> list[list[int]]:
     return [first, list(range(len(first), len(seqs)))]
 
 
+def _panel_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             seq_lens: list[int], scale: float) -> torch.Tensor:
+    """prefill_attention on the panel kernel (fp32 only): q [T, Hq, D], k, v [T, Hkv, D]."""
+    out = panel_gemm.causal_attention(q.float(), k.float(), v.float(), seq_lens, scale)
+    return out.to(q.dtype)
+
+
 class StepRunner:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, store: LayerStore,
                  attention: AttentionClient, device: torch.device, inv_freq: torch.Tensor,
@@ -95,9 +102,9 @@ class StepRunner:
         self.block_size = attention.info.block_size
         self.scale = cfg.head_dim ** -0.5
         self.dtype = weights.embed.dtype
-        # the CPU device's panel kernels run prefill attention too (1.4-2.4x torch's SDPA there)
-        self.prefill_attention = (panel_gemm.causal_attention if panels and self.dtype == torch.float32
-                                  else prefill_attention)
+        # the CPU device's panel kernels run prefill attention too (1.4-2.4x torch's SDPA there),
+        # bf16 models' in fp32 on their q, k and v
+        self.prefill_attention = _panel_prefill_attention if panels else prefill_attention
 
     def run(self, step_id: int, seqs: list[SeqStep], rows: list[RowSampling],
             pipeline: bool) -> tuple[SampleOutput, StepTimings]:

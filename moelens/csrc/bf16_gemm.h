@@ -1,12 +1,22 @@
-// bf16 GEMMs on Intel AMX with weights packed as tile-ordered panels (amx_gemm.cpp).
+// bf16 GEMMs on AMX or AVX512-BF16 with weights packed as pair-ordered panels (bf16_gemm.cpp).
 #pragma once
 
 #include <torch/extension.h>
 
-namespace moelens::amx {
+#include <string>
+#include <vector>
 
-// This CPU has AMX-BF16 and AVX512-BF16 and the kernel lets this process use the tiles.
+namespace moelens::bf16 {
+
+// This CPU runs one of the engines: AMX-BF16 (and the kernel lets this process use the tiles)
+// or AVX512-BF16.
 bool supported();
+
+// The engines this CPU runs, best first: "amx", "avx512_bf16".
+std::vector<std::string> engines();
+
+// Pins the engine ("amx", "avx512_bf16") or restores the best (""); returns the one in use.
+std::string set_engine(const std::string& name);
 
 // y[M, N] = x[M, K] · W^T, W as panels wp [P, K, 16] (bf16, rows paired).
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
@@ -21,4 +31,4 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const int64_t* tok, const f
                              const int64_t* counts, const torch::Tensor& gate_up,
                              const torch::Tensor& down, int64_t inter, int64_t num_threads);
 
-}  // namespace moelens::amx
+}  // namespace moelens::bf16

@@ -1,25 +1,29 @@
-// bf16 GEMMs on Intel AMX for the CPU device: y = x · W^T with W packed once (at weight load)
-// into the panel order of panel_gemm.cpp, [P, K, 16], each panel's rows paired for AMX
-// ("VNNI": element (k, n) of a panel sits at (k / 2) * 32 + n * 2 + k % 2), so a 32-deep slice
-// of a panel is one B tile (16 rows of 16 pairs, 64 bytes a row).
+// bf16 GEMMs for the CPU device: y = x · W^T with W packed once (at weight load) into the panel
+// order of panel_gemm.cpp, [P, K, 16], each panel's rows paired ("VNNI": element (k, n) of a
+// panel sits at (k / 2) * 32 + n * 2 + k % 2), so a 32-deep slice of a panel is one AMX B tile
+// (16 rows of 16 pairs, 64 bytes a row) and each pair row is one AVX512-BF16 operand.
 //
 // Why: oneDNN's bf16 matmul reorders the weight on every call; at the 16-64 rows per expert of a
 // decode step that costs as much as the multiply (a bench-mixtral expert at 64 rows: 1.0 ms plain,
-// 0.5 ms prepacked). With the weight already in tile order the only per-call copy is x's.
+// 0.5 ms prepacked). With the weight already in panel order the only per-call copy is x's.
 //
 // Blocking: x is copied (gathered, for the experts) MC rows at a time into a zero-padded
-// [rows, K] block that stays in L2; threads split the column blocks of two panels; each column
-// block runs 32 x 32 outputs at a time in four C tiles (two A tiles of 16 rows, two B tiles).
-// The C tiles go through a small fp32 buffer to the epilogue: plain bf16 store, silu(gate) * up
-// for a gated gate/up weight (its panels hold 8 gate and the same 8 up columns, as in
-// panel_gemm.cpp), or routing-weighted adds into fp32 token rows for the experts' down GEMM.
+// [rows, K] block in tile order that stays in L2; threads split the column blocks of two panels;
+// each column block runs 32 x 32 outputs at a time into a small fp32 buffer, which goes to the
+// epilogue: plain bf16 store, silu(gate) * up for a gated gate/up weight (its panels hold 8 gate
+// and the same 8 up columns, as in panel_gemm.cpp), or routing-weighted adds into fp32 token rows
+// for the experts' down GEMM. Two engines compute the 32 x 32 block, chosen at run time:
+// - AMX (Intel Sapphire Rapids and later): four C tiles, two A and two B tiles per 32-deep step.
+// - AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake): VDPBF16PS, four passes of 8 rows x
+//   32 columns (16 zmm accumulators), each x pair broadcast against a pair row of both panels.
 // K must be a multiple of 32 (moelens.panel_gemm packs only such weights in bf16).
-#include "amx_gemm.h"
+#include "bf16_gemm.h"
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -28,13 +32,15 @@
 #include <unistd.h>
 
 #include "simd_exp.h"
-#define MOELENS_AMX_X86 1
-#define MOELENS_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#define MOELENS_BF16_X86 1
+#define MOELENS_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#define MOELENS_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 #else
-#define MOELENS_AMX_X86 0
+#define MOELENS_BF16_X86 0
 #endif
 
-namespace moelens::amx {
+namespace moelens::bf16 {
 namespace {
 
 constexpr int NR = 16;                     // columns per panel
@@ -44,6 +50,9 @@ constexpr int64_t ABLOCK_BYTES = 1 << 20;  // the copied x block [rows][K], with
 
 using bf16 = uint16_t;
 
+constexpr const char* kAmxName = "amx";
+constexpr const char* kDpName = "avx512_bf16";
+
 // Rows of x: row r is base + (idx ? idx[r] : r) * stride.
 struct Rows {
   const bf16* base;
@@ -52,7 +61,7 @@ struct Rows {
   const bf16* row(int64_t r) const { return base + (idx ? idx[r] : r) * stride; }
 };
 
-#if MOELENS_AMX_X86
+#if MOELENS_BF16_X86
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -69,32 +78,73 @@ MOELENS_AMX void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-MOELENS_AMX void release_tiles() { _tile_release(); }
-
-// c[2 row tiles][2 panels][16][16] = a[32 rows][K] · the panels b0, b1 ([K/2][16][2] each).
-// a is in tile order (`tiled`).
-MOELENS_AMX void block_32x32(const bf16* a, int64_t K, const bf16* b0, const bf16* b1, float* c) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t k = 0; k < K; k += KB) {
-    _tile_loadd(4, a + k * 16, 64);
-    _tile_loadd(5, a + 16 * K + k * 16, 64);
-    _tile_loadd(6, b0 + k * NR, 64);
-    _tile_loadd(7, b1 + k * NR, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+// Both engines compute c[2 row tiles][2 panels][16][16] = a[32 rows][K] · the panels b0, b1
+// ([K/2][16][2] each), a in tile order (`tiled`).
+struct AmxBlock {
+    MOELENS_AMX void begin() const { load_tile_config(); }
+  MOELENS_AMX void end() const { _tile_release(); }
+  MOELENS_AMX void operator()(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
+                              float* c) const {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += KB) {
+      _tile_loadd(4, a + k * 16, 64);
+      _tile_loadd(5, a + 16 * K + k * 16, 64);
+      _tile_loadd(6, b0 + k * NR, 64);
+      _tile_loadd(7, b1 + k * NR, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 256, 64);
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
   }
-  _tile_stored(0, c, 64);
-  _tile_stored(1, c + 256, 64);
-  _tile_stored(2, c + 512, 64);
-  _tile_stored(3, c + 768, 64);
-}
+};
 
-MOELENS_AMX inline __m512 c_row(const float* c, int r, int panel) {
+// VDPBF16PS: acc[n] += x[r, k] * w[k, n] + x[r, k + 1] * w[k + 1, n] over 16 columns n, with x's
+// pair broadcast to every lane and w's pair row as it lies in the panel. 8 rows x 2 panels of
+// accumulators per pass; the rows of one pass are consecutive in one 16-row group of a's tile
+// order, so each 32-deep step reads 8 adjacent 64-byte rows of a.
+struct DpBlock {
+    static constexpr int ROWS = 8;
+  void begin() const {}
+  void end() const {}
+  MOELENS_BF16 void operator()(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
+                               float* c) const {
+    for (int r0 = 0; r0 < MB; r0 += ROWS) {
+      __m512 acc[ROWS][2];
+      for (int i = 0; i < ROWS; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      const bf16* rows = a + (r0 / 16) * 16 * K + (r0 % 16) * KB;  // row r0's first 32-deep step
+      for (int64_t k = 0; k < K; k += KB) {
+        const bf16* ak = rows + k * 16;  // tiled(r0, k, K)
+        const bf16 *wk0 = b0 + k * NR, *wk1 = b1 + k * NR;
+        for (int kk = 0; kk < KB; kk += 2) {
+          const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk0 + kk * NR);
+          const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk1 + kk * NR);
+          for (int i = 0; i < ROWS; ++i) {
+            int32_t pair;
+            std::memcpy(&pair, ak + i * KB + kk, 4);
+            const __m512bh xi = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xi, w0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xi, w1);
+          }
+        }
+      }
+      for (int i = 0; i < ROWS; ++i) {
+        const int r = r0 + i;
+        for (int p = 0; p < 2; ++p)
+          _mm512_storeu_ps(c + ((r / 16) * 2 + p) * 256 + (r % 16) * 16, acc[i][p]);
+      }
+    }
+  }
+};
+
+MOELENS_BF16 inline __m512 c_row(const float* c, int r, int panel) {
   return _mm512_loadu_ps(c + ((r / 16) * 2 + panel) * 256 + (r % 16) * 16);
 }
 
@@ -109,7 +159,7 @@ inline int64_t tiled(int64_t r, int64_t k, int64_t K) {
 struct StoreOut {  // y[M, N] bf16
   bf16* y;
   int64_t N;
-  MOELENS_AMX void operator()(int64_t row0, int rows, int64_t panel0, int panels,
+  MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
                               const float* c) const {
     for (int r = 0; r < rows; ++r)
       for (int p = 0; p < panels; ++p) {
@@ -128,7 +178,7 @@ struct SwiGluOut {  // h[M, stride] bf16 (row-major, or `tile_order`), columns <
   // The two panels of a block (`run` passes an even panel0) hold 8 gate and 8 up columns each,
   // for h's 16 consecutive columns 8 * panel0 ...: one 16-lane silu(g) * u per row, 1 / (1 + e)
   // by rcp14 and one Newton step (exp is clamped, so 1 + e is finite).
-  MOELENS_AMX void operator()(int64_t row0, int rows, int64_t panel0, int panels,
+  MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
                               const float* c) const {
     const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
     const int64_t col = panel0 * (NR / 2);
@@ -153,7 +203,7 @@ struct ScatterAddOut {  // out[tok[r], :N] += w[r] * y[r] in fp32
   int64_t N;
   const int64_t* tok;
   const float* w;
-  MOELENS_AMX void operator()(int64_t row0, int rows, int64_t panel0, int panels,
+  MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
                               const float* c) const {
     for (int r = 0; r < rows; ++r) {
       const __m512 scale = _mm512_set1_ps(w[row0 + r]);
@@ -180,9 +230,9 @@ int64_t block_rows(int64_t K) {
 // (every thread calls it). `direct`: x is already in tile order with rows up to M rounded to 32
 // readable, so A tiles load from it; otherwise blocks of rows are copied into `ablock` in tile
 // order.
-template <typename Epi>
-MOELENS_AMX void run(const Rows& x, bool direct, int64_t M, int64_t K, const bf16* wp, int64_t P,
-                     const Epi& epi, bf16* ablock) {
+template <typename Block, typename Epi>
+MOELENS_BF16 void run(const Block& block, const Rows& x, bool direct, int64_t M, int64_t K,
+                      const bf16* wp, int64_t P, const Epi& epi, bf16* ablock) {
   alignas(64) float c[4 * 256];
   const int64_t mc_max = block_rows(K), Q = (P + 1) / 2, panel_elems = K * NR;
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
@@ -206,7 +256,7 @@ MOELENS_AMX void run(const Rows& x, bool direct, int64_t M, int64_t K, const bf1
       const bf16* b0 = wp + 2 * q * panel_elems;
       const bf16* b1 = panels == 2 ? b0 + panel_elems : b0;  // a lone last panel runs twice
       for (int64_t r = 0; r < padded; r += MB) {
-        block_32x32(a + r * K, K, b0, b1, c);
+        block(a + r * K, K, b0, b1, c);
         epi(m0 + r, int(std::min<int64_t>(MB, mc - r)), 2 * q, panels, c);
       }
     }  // implicit barrier: nobody still reads the block
@@ -217,7 +267,32 @@ bool request_permission() {
   constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
+
+bool has_avx512_bf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+bool has_amx() {
+  static const bool ok = has_avx512_bf16() && __builtin_cpu_supports("amx-bf16") &&
+                         request_permission();
+  return ok;
+}
+#else
+bool has_avx512_bf16() { return false; }
+bool has_amx() { return false; }
 #endif
+
+enum class Engine { kNone, kAvx512Bf16, kAmx };
+
+Engine best_engine() {
+  return has_amx() ? Engine::kAmx : has_avx512_bf16() ? Engine::kAvx512Bf16 : Engine::kNone;
+}
+
+Engine& engine_in_use() {
+  static Engine engine = best_engine();
+  return engine;
+}
 
 const bf16* data(const torch::Tensor& t) {
   return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>());
@@ -226,29 +301,31 @@ const bf16* data(const torch::Tensor& t) {
 bf16* data(torch::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
 
 void check_x(const torch::Tensor& x, const torch::Tensor& wp, int64_t num_threads) {
-  TORCH_CHECK_VALUE(supported(), "AMX GEMM: this CPU or kernel has no AMX-BF16");
+  TORCH_CHECK_VALUE(supported(), "bf16 GEMM: this CPU has neither AMX-BF16 nor AVX512-BF16");
   TORCH_CHECK_VALUE(x.scalar_type() == torch::kBFloat16 && wp.scalar_type() == torch::kBFloat16,
-                    "AMX GEMM: x and the panels must be bfloat16, got ", x.scalar_type(),
+                    "bf16 GEMM: x and the panels must be bfloat16, got ", x.scalar_type(),
                     " and ", wp.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % KB == 0,
-                    "AMX GEMM: x must be [M, K] with K a multiple of 32, got ", x.sizes());
-  TORCH_CHECK_VALUE(num_threads >= 1, "AMX GEMM: num_threads must be >= 1");
+                    "bf16 GEMM: x must be [M, K] with K a multiple of 32, got ", x.sizes());
+  TORCH_CHECK_VALUE(num_threads >= 1, "bf16 GEMM: num_threads must be >= 1");
 }
 
-}  // namespace
-
-bool supported() {
-#if MOELENS_AMX_X86
-  static const bool ok = __builtin_cpu_supports("avx512bf16") &&
-                         __builtin_cpu_supports("amx-bf16") && request_permission();
-  return ok;
-#else
-  return false;
-#endif
+#if MOELENS_BF16_X86
+// body(block) on every thread of an omp parallel region, with the engine in use set up around
+// it on each thread (AMX: the tile configuration).
+template <typename Body>
+void parallel(int64_t num_threads, const Body& body) {
+  const auto on_threads = [&](const auto& block) {
+#pragma omp parallel num_threads(int(num_threads))
+    {
+      block.begin();
+      body(block);
+      block.end();
+    }
+  };
+  if (engine_in_use() == Engine::kAmx) on_threads(AmxBlock{});
+  else on_threads(DpBlock{});
 }
-
-#if MOELENS_AMX_X86
-namespace {
 
 // out [M, columns] = x · W^T through the epilogue `make_epi(out)` builds, on `num_threads`.
 template <typename MakeEpi>
@@ -262,17 +339,46 @@ torch::Tensor run_plain(const torch::Tensor& x, const torch::Tensor& wp, int64_t
   const auto epi = make_epi(data(out));
   pybind11::gil_scoped_release no_gil;
   std::vector<bf16> ablock(size_t(std::min(block_rows(K), padded_rows(M)) * K));
-#pragma omp parallel num_threads(int(num_threads))
-  {
-    load_tile_config();
-    run(Rows{data(xc), K, nullptr}, false, M, K, data(wc), wc.size(0), epi, ablock.data());
-    release_tiles();
-  }
+  parallel(num_threads, [&](const auto& block) {
+    run(block, Rows{data(xc), K, nullptr}, false, M, K, data(wc), wc.size(0), epi,
+        ablock.data());
+  });
   return out;
 }
+#endif
 
 }  // namespace
 
+bool supported() { return engine_in_use() != Engine::kNone; }
+
+std::vector<std::string> engines() {
+  std::vector<std::string> names;
+  if (has_amx()) names.push_back(kAmxName);
+  if (has_avx512_bf16()) names.push_back(kDpName);
+  return names;
+}
+
+std::string set_engine(const std::string& name) {
+  if (name.empty()) {
+    engine_in_use() = best_engine();
+  } else if (name == kAmxName) {
+    TORCH_CHECK_VALUE(has_amx(), "bf16 GEMM: this CPU or kernel has no AMX-BF16");
+    engine_in_use() = Engine::kAmx;
+  } else if (name == kDpName) {
+    TORCH_CHECK_VALUE(has_avx512_bf16(), "bf16 GEMM: this CPU has no AVX512-BF16");
+    engine_in_use() = Engine::kAvx512Bf16;
+  } else {
+    TORCH_CHECK_VALUE(false, "bf16 GEMM: unknown engine '", name, "', choose ", kAmxName,
+                      ", ", kDpName, " or '' (the best)");
+  }
+  switch (engine_in_use()) {
+    case Engine::kAmx: return kAmxName;
+    case Engine::kAvx512Bf16: return kDpName;
+    default: return "";
+  }
+}
+
+#if MOELENS_BF16_X86
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
                      int64_t num_threads) {
   return run_plain(x, wp, out_features, num_threads,
@@ -286,7 +392,7 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t in
 }
 #else
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t, int64_t threads) {
-  check_x(x, wp, threads);  // raises: no AMX here
+  check_x(x, wp, threads);  // raises: no bf16 engine here
   return {};
 }
 
@@ -301,12 +407,12 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const int64_t* tok, const f
                              const torch::Tensor& down, int64_t inter, int64_t num_threads) {
   check_x(x, gate_up, num_threads);
   TORCH_CHECK_VALUE(down.scalar_type() == torch::kBFloat16 && inter % KB == 0,
-                    "AMX GEMM: the down panels must be bfloat16 over a multiple of 32, got ",
+                    "bf16 GEMM: the down panels must be bfloat16 over a multiple of 32, got ",
                     down.scalar_type(), " and I = ", inter);
   const auto xc = x.contiguous(), gu = gate_up.contiguous(), dn = down.contiguous();
   const int64_t T = x.size(0), H = x.size(1), E = gu.size(0);
   auto out = torch::zeros({T, H}, x.options().dtype(torch::kFloat32));
-#if MOELENS_AMX_X86
+#if MOELENS_BF16_X86
   int64_t widest = 0;
   for (int64_t e = 0; e < E; ++e) widest = std::max(widest, counts[e]);
   if (widest == 0) return out;
@@ -317,23 +423,21 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const int64_t* tok, const f
   // (discarded) outputs
   std::vector<bf16> h(size_t(padded * inter), 0);  // in tile order
   const int64_t p_up = gu.size(1), p_down = dn.size(1);
-#pragma omp parallel num_threads(int(num_threads))
-  {
-    load_tile_config();
+  parallel(num_threads, [&](const auto& block) {
     int64_t start = 0;
     for (int64_t e = 0; e < E; start += counts[e], ++e) {
       if (counts[e] == 0) continue;
-      run(Rows{data(xc), H, tok + start}, false, counts[e], H, data(gu) + e * p_up * H * NR, p_up,
-          SwiGluOut{h.data(), inter, inter, true}, ablock.data());
+      run(block, Rows{data(xc), H, tok + start}, false, counts[e], H,
+          data(gu) + e * p_up * H * NR, p_up, SwiGluOut{h.data(), inter, inter, true},
+          ablock.data());
 #pragma omp barrier  // h is complete
-      run(Rows{h.data(), inter, nullptr}, true, counts[e], inter,
+      run(block, Rows{h.data(), inter, nullptr}, true, counts[e], inter,
           data(dn) + e * p_down * inter * NR, p_down,
           ScatterAddOut{out.data_ptr<float>(), H, tok + start, weight + start}, ablock.data());
     }  // run's last barrier: h is free for the next expert
-    release_tiles();
-  }
+  });
 #endif
   return out;
 }
 
-}  // namespace moelens::amx
+}  // namespace moelens::bf16

@@ -1,5 +1,6 @@
-"""The bf16 AMX panel GEMMs (csrc/amx_gemm.cpp) against float64 F.linear on the same bf16
-values: plain, SwiGLU epilogue and the fused MoE layer, their packing and their errors."""
+"""The bf16 panel GEMMs (csrc/bf16_gemm.cpp), on each engine this CPU runs (AMX tiles,
+AVX512-BF16), against float64 F.linear on the same bf16 values: plain, SwiGLU epilogue and the
+fused MoE layer, their packing and their errors."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ from moelens import panel_gemm
 from moelens.model.moe import grouped_experts, loop_experts_reference, route
 
 pytestmark = pytest.mark.skipif(not panel_gemm.is_supported(torch.bfloat16),
-                                reason="bf16 panel GEMMs need a CPU with AMX-BF16")
+                                reason="bf16 panel GEMMs need a CPU with AMX-BF16 or AVX512-BF16")
 BF16 = torch.bfloat16
+
+
+@pytest.fixture(params=panel_gemm.bf16_engines() if panel_gemm.is_supported(BF16) else [],
+                autouse=True)
+def engine(request):
+    """Each bf16 engine this CPU runs, pinned for the test."""
+    panel_gemm.set_bf16_engine(request.param)
+    yield request.param
+    panel_gemm.set_bf16_engine(None)
 
 
 def _bf16(*shape, gen, scale=1.0):
@@ -94,3 +104,8 @@ def test_bad_inputs_raise_clear_errors():
         panel_gemm.linear(torch.randn(2, 64), pw)
     with pytest.raises(ValueError, match="K = 32"):
         panel_gemm.linear(torch.randn(2, 32).to(BF16), pw)
+    with pytest.raises(ValueError, match="unknown engine 'avx9'"):
+        panel_gemm.set_bf16_engine("avx9")
+    if "amx" not in panel_gemm.bf16_engines():
+        with pytest.raises(ValueError, match="no AMX-BF16"):
+            panel_gemm.set_bf16_engine("amx")
