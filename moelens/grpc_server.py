@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moelens.compute_loop import ComputeLoop
 from moelens.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,23 @@ def start_server(register: Callable[[grpc.Server], None], service_names: Iterabl
     return handle
 
 
-def wait_for_termination(handle: ServerHandle, on_stop: Callable[[], None] | None = None) -> None:
-    """Block until SIGTERM/SIGINT, then stop gracefully (no polling loop)."""
+def wait_for_termination(handle: ServerHandle, on_stop: Callable[[], None] | None = None,
+                         compute: ComputeLoop | None = None) -> None:
+    """Block until SIGTERM/SIGINT, serving `compute`'s calls meanwhile, then stop gracefully
+    (no polling loop)."""
     stop = threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if compute:
+            compute.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, on_signal)
+    if compute:
+        compute.run()
+    else:
+        stop.wait()
     handle.set_serving(False)
     if on_stop:
         on_stop()

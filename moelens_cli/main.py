@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from moelens.compute_loop import default_openmp_spin
+
 # command -> (module, help); nested groups map to dicts of the same
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "generate": ("moelens_cli.generate", "run a JSONL batch job through the services"),
@@ -76,6 +78,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    default_openmp_spin()  # before any command imports torch
     args = build_parser(argv).parse_args(argv)
     return int(args._run(args) or 0)
 

@@ -7,6 +7,7 @@ import logging
 
 from moelens.config import load_config
 from moelens.exchange import NUM_SLOTS, shm_slot_bytes
+from moelens.compute_loop import ComputeLoop
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     config = config_from_args(args)
     model = load_config(resolve_model(args.model))
+    compute = ComputeLoop()  # this thread: the pool, warmup and every layer (moelens.compute_loop)
     engine = AttentionEngine(model, config)
     arena = None
     if config.transport == "shm":
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if metrics:
         metrics.set_kernel(engine.kernel.backend(), not engine.kernel.is_native(),
                            config.num_threads)
-    servicer = AttentionServicer(engine, arena, metrics)
+    servicer = AttentionServicer(engine, arena, compute, metrics)
     handle = start_server(lambda s: attention_pb2_grpc.add_AttentionServiceServicer_to_server(
         servicer, s), [SERVICE_NAME], args.host, args.port, observe=observe)
     handle.set_serving(True)
@@ -66,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
              "%d threads, transport %s", args.host, handle.port, engine.num_blocks,
              config.block_size, engine.pool_bytes / 2**30, config.kv_dtype,
              engine.kernel.backend(), config.num_threads, config.transport)
-    wait_for_termination(handle, on_stop=arena.close if arena else None)
+    wait_for_termination(handle, on_stop=arena.close if arena else None, compute=compute)
     return 0

@@ -6,6 +6,7 @@ import logging
 import threading
 
 from moelens import exchange
+from moelens.compute_loop import ComputeLoop
 from moelens.errors import InvalidArgument, ResourceExhausted
 from moelens.shm import ShmArena
 from moelens.v1 import attention_pb2, attention_pb2_grpc
@@ -15,8 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
-    def __init__(self, engine: AttentionEngine, arena: ShmArena | None, metrics=None):
-        self.engine, self.arena, self.metrics = engine, arena, metrics
+    def __init__(self, engine: AttentionEngine, arena: ShmArena | None, compute: ComputeLoop,
+                 metrics=None):
+        self.engine, self.arena, self.compute, self.metrics = engine, arena, compute, metrics
         self._exchange_busy = threading.Lock()  # one expert stream at a time owns the slots
 
     def _info(self) -> attention_pb2.AttentionInfo:
@@ -38,11 +40,14 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         return self._info()
 
     def Warmup(self, request, context):
+        self.compute.call(self._measure)
+        return self._info()
+
+    def _measure(self) -> None:
         from services.attention_cpu.warmup import measure_kv_bandwidth
         self.engine.kv_read_bytes_per_s = measure_kv_bandwidth(self.engine)
         self.engine.host_read_bytes_per_s = self.engine.kernel.stream_read_gbps(
             num_threads=self.engine.config.num_threads) * 1e9
-        return self._info()
 
     def FreeSequences(self, request, context):
         freed = self.engine.free(list(request.seq_ids))
@@ -67,13 +72,14 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
             if request.HasField("plan"):
                 p = request.plan
                 sequences = {s.seq_id: list(s.block_ids) for s in p.sequences}
-                plans[request.group] = self.engine.begin(
-                    list(p.slots), sequences, list(p.row_sequence), list(p.row_context_len))
+                plans[request.group] = self.compute.call(
+                    self.engine.begin, list(p.slots), sequences, list(p.row_sequence),
+                    list(p.row_context_len))
             plan = plans.get(request.group)
             if plan is None:
                 raise InvalidArgument(f"layer {request.layer} of group {request.group} "
                                       f"arrived before its plan")
-            yield self._layer(request, plan)
+            yield self.compute.call(self._layer, request, plan)  # on the compute thread
 
     def _layer(self, request, plan: StepPlan) -> attention_pb2.LayerResponse:
         tensors = exchange.get_tensors(request, ("k", "v", "q"), self.arena)

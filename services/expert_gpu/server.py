@@ -8,6 +8,7 @@ import logging
 import torch
 
 from moelens import panel_gemm
+from moelens.compute_loop import ComputeLoop
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
@@ -56,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     config = config_from_args(args)
     torch.set_num_threads(config.num_threads)
+    compute = ComputeLoop()  # this thread: loading, warmup and every step (moelens.compute_loop)
     worker = ExpertWorker(resolve_model(args.model), config)
     metrics, observe = start_service_metrics(args.metrics_port, args.host, "expert_gpu",
                                              ExpertMetrics)
-    servicer = ExpertServicer(worker, metrics)
+    servicer = ExpertServicer(worker, compute, metrics)
     handle = start_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(
         servicer, s), [SERVICE_NAME], args.host, args.port, observe=observe)
     info = worker.warmup()
@@ -75,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
              config.device, config.dtype, "panel" if worker.panels else "torch",
              info.num_resident_layers, info.num_streamed_layers,
              info.h2d_bytes_per_s / 1e9, info.layer_gemm.intercept_s, info.layer_gemm.slope_s)
-    wait_for_termination(handle, on_stop=worker.close)
+    wait_for_termination(handle, on_stop=worker.close, compute=compute)
     return 0

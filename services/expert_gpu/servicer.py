@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 
+from moelens.compute_loop import ComputeLoop
 from moelens.errors import InvalidArgument
 from moelens.sampling import RowSampling, SamplingParams
 from moelens.sampling_proto import sampling_from_proto
@@ -24,17 +24,15 @@ class _SeqState:
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, worker: ExpertWorker, metrics=None):
-        self.worker, self.metrics = worker, metrics
+    def __init__(self, worker: ExpertWorker, compute: ComputeLoop, metrics=None):
+        self.worker, self.compute, self.metrics = worker, compute, metrics
         self.seqs: dict[int, _SeqState] = {}
-        self._step_lock = threading.Lock()  # one step at a time: the layers are a pipeline
 
     def Info(self, request, context):
         return self.worker.info()
 
     def Warmup(self, request, context):
-        with self._step_lock:
-            return self.worker.warmup()
+        return self.compute.call(self.worker.warmup)
 
     def FreeSequences(self, request, context):
         for seq_id in request.seq_ids:
@@ -45,8 +43,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         for seq_id in request.finished_seq_ids:
             self.seqs.pop(seq_id, None)
         seqs, rows = self._decode_plan(request)
-        with self._step_lock:
-            out, timings = self.worker.step(request.step_id, seqs, rows, request.pipeline)
+        # one step at a time (the layers are a pipeline), on the compute thread
+        out, timings = self.compute.call(self.worker.step, request.step_id, seqs, rows,
+                                         request.pipeline)
         if self.metrics:
             self.metrics.observe_step(timings, sum(len(s.token_ids) for s in seqs))
         return self._encode_output(request, seqs, rows, out, timings)
