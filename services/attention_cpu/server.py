@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from moelens.compute_loop import ComputeLoop
 from moelens.config import load_config
 from moelens.exchange import NUM_SLOTS, shm_slot_bytes
-from moelens.compute_loop import ComputeLoop
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
