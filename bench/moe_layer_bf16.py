@@ -13,11 +13,11 @@ with `git stash`); the machine drifts.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from moelens import panel_gemm
+from moelens_cli.bench_common import best_rate
 
 E, H, I = 8, 1024, 2048  # noqa: E741 (I: the expert intermediate size)
 
@@ -42,25 +42,17 @@ def main() -> None:
     token = torch.randint(0, args.tokens, (pairs,))
     weight = torch.rand(pairs)
     counts = torch.full((E,), pairs // E)
-    best = float("inf")
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        panel_gemm.grouped_swiglu(x, token, weight, counts, gate_up, down)
-        best = min(best, time.perf_counter() - start)
     flops = 2.0 * (pairs // E) * E * H * 3 * I
-    gflops = flops / best / 1e9
-    print(f"MoE layer, {args.tokens} tokens, {args.threads} threads, {engine}: {best * 1e3:.2f} ms, "
+    gflops = best_rate(lambda: panel_gemm.grouped_swiglu(x, token, weight, counts, gate_up, down),
+                       flops, args.repeats) / 1e9
+    ms = flops / gflops / 1e6
+    print(f"MoE layer, {args.tokens} tokens, {args.threads} threads, {engine}: {ms:.2f} ms, "
           f"{gflops:.0f} GFLOP/s = {gflops / peak:.2f} x torch's bf16 GEMM ({peak:.0f} GFLOP/s)")
 
 
 def _torch_gemm_gflops(repeats: int, n: int = 2048) -> float:
     a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
-    best = float("inf")
-    for _ in range(max(3, repeats // 3)):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n ** 3 / best / 1e9
+    return best_rate(lambda: torch.mm(a, b), 2.0 * n ** 3, max(3, repeats // 3)) / 1e9
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ def _weights(*shape: int) -> torch.Tensor:
     return torch.empty(shape).uniform_(-0.02, 0.02)
 
 
-def _rate(fn: Callable[[], object], flops: float, repeats: int) -> float:
+def best_rate(fn: Callable[[], object], flops: float, repeats: int) -> float:
+    """FLOP/s of fn's fastest of `repeats` calls, after one warm-up call."""
     fn()  # warm-up: first-touch pages, MKL/oneDNN kernel selection
     best = math.inf
     for _ in range(repeats):
@@ -251,13 +252,13 @@ def measure_gemm_rates(cfg: ModelConfig, threads: int, rows: int = 4096, head_ro
         for panels in kernels:
             w = {name: panel_gemm.maybe_pack(t, panels) for name, t in plain.items()}
             measured = {
-                "attention_proj": _rate(lambda: (linear(x, w["qkv"]), linear(xq, w["o"])),
+                "attention_proj": best_rate(lambda: (linear(x, w["qkv"]), linear(xq, w["o"])),
                                         2.0 * rows * (plain["qkv"].numel() + plain["o"].numel()),
                                         repeats),
-                "experts": _rate(lambda: (linear(x, w["gate_up"]), linear(xi, w["down"])),
+                "experts": best_rate(lambda: (linear(x, w["gate_up"]), linear(xi, w["down"])),
                                  2.0 * rows * (plain["gate_up"].numel() + plain["down"].numel()),
                                  repeats),
-                "lm_head": _rate(lambda: linear(xh, w["head"]),
+                "lm_head": best_rate(lambda: linear(xh, w["head"]),
                                  2.0 * xh.shape[0] * plain["head"].numel(), repeats),
             }
             for kind, rate in measured.items():

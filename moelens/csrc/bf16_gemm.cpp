@@ -160,7 +160,7 @@ struct StoreOut {  // y[M, N] bf16
   bf16* y;
   int64_t N;
   MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
-                              const float* c) const {
+                               const float* c) const {
     for (int r = 0; r < rows; ++r)
       for (int p = 0; p < panels; ++p) {
         const int64_t col = (panel0 + p) * NR;
@@ -179,7 +179,7 @@ struct SwiGluOut {  // h[M, stride] bf16 (row-major, or `tile_order`), columns <
   // for h's 16 consecutive columns 8 * panel0 ...: one 16-lane silu(g) * u per row, 1 / (1 + e)
   // by rcp14 and one Newton step (exp is clamped, so 1 + e is finite).
   MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
-                              const float* c) const {
+                               const float* c) const {
     const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
     const int64_t col = panel0 * (NR / 2);
     const int n = int(std::min<int64_t>(panels * (NR / 2), inter - col));
@@ -204,7 +204,7 @@ struct ScatterAddOut {  // out[tok[r], :N] += w[r] * y[r] in fp32
   const int64_t* tok;
   const float* w;
   MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
-                              const float* c) const {
+                               const float* c) const {
     for (int r = 0; r < rows; ++r) {
       const __m512 scale = _mm512_set1_ps(w[row0 + r]);
       float* dst = out + tok[row0 + r] * N;
