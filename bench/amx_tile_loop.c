@@ -1,4 +1,4 @@
-// This CPU's AMX bf16 ceiling and the rate of amx_gemm.cpp's bare 2 x 2-tile loop (no copy, no
+// This CPU's AMX bf16 ceiling and the rate of bf16_gemm.cpp's bare 2 x 2-tile AMX loop (no copy, no
 // epilogue) as the operands move from L1 to L2:
 //
 //     gcc -O2 -fopenmp -mamx-tile -mamx-bf16 bench/amx_tile_loop.c -o /tmp/amx_tile_loop
