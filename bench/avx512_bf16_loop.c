@@ -6,16 +6,31 @@
 #include <immintrin.h>
 #include <stdio.h>
 #include <time.h>
-static double now(){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
+
+enum { ACCUMULATORS = 16 };
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
 int main(void) {
-  __m512 acc[16]; for(int i=0;i<16;i++) acc[i]=_mm512_setzero_ps();
-  __m512bh a=(__m512bh)_mm512_set1_epi32(0x3f803f80), b=(__m512bh)_mm512_set1_epi32(0x3f803f80);
-  long n=200000000; double t=now();
-  for(long i=0;i<n;i++){
+  __m512 acc[ACCUMULATORS];
+  for (int i = 0; i < ACCUMULATORS; i++) acc[i] = _mm512_setzero_ps();
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80);  // pairs of bf16 1.0
+  const __m512bh b = a;
+  const long steps = 200000000;
+  double t = now();
+  for (long s = 0; s < steps; s++) {
 #pragma GCC unroll 16
-    for(int j=0;j<16;j++) acc[j]=_mm512_dpbf16_ps(acc[j],a,b);
-    __asm__ volatile("" : "+v"(a));
+    for (int i = 0; i < ACCUMULATORS; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a));  // keeps the loop from being folded
   }
-  t=now()-t; float s=0; for(int i=0;i<16;i++) s+=_mm512_reduce_add_ps(acc[i]);
-  printf("%.1f GFLOP/s one thread (%g)\n", n*16*64.0/t/1e9, s);
+  t = now() - t;
+  float sum = 0;  // uses every accumulator
+  for (int i = 0; i < ACCUMULATORS; i++) sum += _mm512_reduce_add_ps(acc[i]);
+  printf("VDPBF16PS ceiling: %.1f GFLOP/s on one thread (checksum %g)\n",
+         steps * ACCUMULATORS * 64.0 / t / 1e9, sum);
+  return 0;
 }
