@@ -13,6 +13,14 @@ share (the expert and attention services alternate every layer): `OPENMP_SPIN_CO
 the gaps between one service's parallel regions and no more. bench-mixtral bf16 job, 2 vCPUs
 (2026-12-06): 366-370 out tok/s before, 348 with one team and the default spin, 386-398 with
 one team and 1000-30000 spins.
+
+Where a service's team spans every CPU it may use (the services share the host's cores and
+take turns on them), `pin_compute_team` pins thread t of the team to the t-th CPU, the compute
+thread included, before the service starts any other thread: gRPC's threads then inherit the
+compute thread's CPU, so a turn's hand-offs (stream message, queue, compute thread) stay on one
+CPU, and each worker wakes where it slept. Unpinned, a woken worker sometimes lands on a halted
+virtual CPU: on the 2-vCPU development VM 10% of small attention calls after a 2 ms pause took
+~2.4 ms instead of ~0.1 (`bench/wake_latency.py`).
 """
 
 from __future__ import annotations
@@ -26,12 +34,34 @@ from typing import Any, Callable
 from moelens.errors import Unavailable
 
 OPENMP_SPIN_COUNT = "30000"
+PIN_MODES = ("auto", "on", "off")
+"""--pin-threads: auto pins when the team spans every CPU the process may use."""
 
 
 def default_openmp_spin() -> None:
     """GOMP_SPINCOUNT = OPENMP_SPIN_COUNT unless set. libgomp reads it when it loads: call this
     before torch is imported (the `moe-lens` entry point does)."""
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
+def team_cpus(num_threads: int, allowed: list[int]) -> list[int]:
+    """The CPU of each thread of a team: thread t on the t-th allowed CPU, wrapping around."""
+    cpus = sorted(allowed)
+    return [cpus[t % len(cpus)] for t in range(num_threads)]
+
+
+def pin_compute_team(pin: Callable[[list[int]], list[int] | None], num_threads: int,
+                     mode: str) -> list[int] | None:
+    """Pin this thread's OpenMP team of `num_threads` with `pin` (an extension's
+    pin_openmp_team) when `mode` is "on", or "auto" and the team spans every CPU this process
+    may use. Call it on the compute thread before the service starts other threads. Returns the
+    CPUs pinned to, or None when it did not pin."""
+    if mode not in PIN_MODES:
+        raise ValueError(f"--pin-threads must be one of {PIN_MODES}, got {mode!r}")
+    allowed = sorted(os.sched_getaffinity(0))
+    if mode == "off" or (mode == "auto" and num_threads != len(allowed)):
+        return None
+    return pin(team_cpus(num_threads, allowed))
 
 
 class ComputeLoop:

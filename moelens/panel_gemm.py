@@ -260,3 +260,10 @@ def set_bf16_engine(name: str | None) -> str:
     """Pin the bf16 engine ("amx" or "avx512_bf16"; None: the best this CPU has, the default);
     returns the one now in use. For tests and A/B runs."""
     return _extension().set_bf16_engine(name or "")
+
+
+def pin_openmp_team(cpus: list[int]) -> list[int] | None:
+    """Pin the calling thread's OpenMP team, thread t to cpus[t] (moelens.compute_loop); None
+    when the extension could not be built here."""
+    ext = _load()
+    return None if ext is None else list(ext.pin_openmp_team(cpus))

@@ -176,30 +176,37 @@ def test_measured_curve_prices_the_profiled_layer_at_its_points():
     assert gemm_line(spec, profile).seconds_at(1) != pytest.approx(line.seconds_at(1))
 
 
-def test_exchange_latency_hides_behind_fresh_prompts_causal_attention():
-    """The exchange's fixed part is priced only where the layer's prefill attention (run between
-    sending q/k/v and waiting for o) leaves it uncovered; its per-byte part always."""
+def test_exchange_latency_hides_behind_fresh_prompts_causal_attention_on_accelerators():
+    """On an accelerator host the exchange's fixed part is priced only where the layer's
+    prefill attention (run between sending q/k/v and waiting for o) leaves it uncovered; on a
+    CPU-only host that attention waits for o (the services take turns on the cores), so nothing
+    is hidden. The per-byte part is priced always."""
     from dataclasses import replace
 
     from services.coordinator.perf_model import (Deployment, StepOverheads, iteration_cost,
                                                  place_weights)
     from services.coordinator.perf_model_iteration import StepLoad
-    spec, profile = default_spec_and_profile()
-    profile = replace(profile, exchange_fixed_s=1e-3, exchange_s_per_byte=1e-9)
+    spec, cpu_profile = default_spec_and_profile()
+    cpu_profile = replace(cpu_profile, exchange_fixed_s=1e-3, exchange_s_per_byte=1e-9,
+                          is_accelerator_separate=False)
+    gpu_profile = replace(cpu_profile, is_accelerator_separate=True)
     placement = place_weights(spec, Deployment(kv_cache_bytes=2 ** 27))
     over = StepOverheads(exchange_fixed_scale=2.0, exchange_byte_scale=0.5)
     moved = 64 * 2 * spec.kv_size * spec.activation_bytes  # 64 prompt tokens, no paged rows
     bytes_part = spec.num_layers * 0.5 * 1e-9 * moved
 
-    def exchange(prefill_per_layer: float) -> float:
+    def exchange(profile, prefill_per_layer: float) -> float:
         o = replace(over, prefill_attention_s_per_seq=prefill_per_layer)
         load = StepLoad(num_paged_rows=0, num_fresh_seqs=1, num_fresh_tokens=64)
         return iteration_cost(spec, profile, placement, 64, 0, 0, 1, load=load,
                               overheads=o).exchange_s
 
-    assert exchange(0.0) == pytest.approx(spec.num_layers * 2e-3 + bytes_part)
-    assert exchange(0.5e-3) == pytest.approx(spec.num_layers * 1.5e-3 + bytes_part)
-    assert exchange(5e-3) == pytest.approx(bytes_part)  # the latency wholly hidden
+    latency = spec.num_layers * 2e-3
+    assert exchange(gpu_profile, 0.0) == pytest.approx(latency + bytes_part)
+    assert exchange(gpu_profile, 0.5e-3) == pytest.approx(spec.num_layers * 1.5e-3 + bytes_part)
+    assert exchange(gpu_profile, 5e-3) == pytest.approx(bytes_part)  # wholly hidden
+    for prefill in (0.0, 0.5e-3, 5e-3):
+        assert exchange(cpu_profile, prefill) == pytest.approx(latency + bytes_part)
     with pytest.raises(ValueError, match="exchange_fixed_scale"):
         StepOverheads(exchange_fixed_scale=0.0)
     with pytest.raises(ValueError, match="exchange_byte_scale"):

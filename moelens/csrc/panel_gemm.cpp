@@ -37,6 +37,7 @@
 
 #include "bf16_gemm.h"
 #include "micro_kernel.h"
+#include "openmp_team.h"
 #include "prefill_attention.h"
 #include "row_stats.h"
 #if MOELENS_PANEL_X86
@@ -517,4 +518,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "pin the bf16 engine: amx, avx512_bf16, or '' for the best");
   m.def("set_isa", &set_isa, "pin the micro-kernel: avx512, avx2, or '' for the best");
   m.def("supported_isas", &supported_isas, "micro-kernels this CPU runs, best first");
+  m.def("pin_openmp_team", &moelens::pin_openmp_team, "thread t of the OpenMP team to cpus[t]");
 }

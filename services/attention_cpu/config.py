@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moelens.compute_loop import PIN_MODES
+
 TRANSPORTS = ("shm", "grpc")
 KV_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -18,6 +20,9 @@ class AttentionConfig:
     """Storage dtype of the pool; 16-bit halves memory, converted to fp32 in the kernel."""
     num_threads: int = 1
     """Kernel threads."""
+    pin_threads: str = "auto"
+    """Pin the kernel's threads one per CPU: on, off, or auto (when they span every CPU this
+    process may use; moelens.compute_loop.pin_compute_team)."""
     transport: str = "shm"
     """Activation transport offered to the expert service: shm (same host) or grpc."""
     max_num_tokens: int = 8192
@@ -32,6 +37,9 @@ class AttentionConfig:
             raise ValueError(f"--kv-dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
+        if self.pin_threads not in PIN_MODES:
+            raise ValueError(f"--pin-threads must be one of {PIN_MODES}, got "
+                             f"{self.pin_threads!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.max_num_tokens < 1:

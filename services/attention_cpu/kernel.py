@@ -88,6 +88,13 @@ def set_num_threads(num_threads: int) -> None:
     _settings.num_threads = num_threads
 
 
+def pin_openmp_team(cpus: list[int]) -> list[int] | None:
+    """Pin the calling thread's OpenMP team, thread t to cpus[t] (moelens.compute_loop); None
+    on the torch fallback."""
+    ext = _extension()
+    return None if ext is None else list(ext.pin_openmp_team(cpus))
+
+
 def get_num_threads() -> int:
     return _settings.num_threads or torch.get_num_threads()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from moelens.compute_loop import ComputeLoop
+from moelens.compute_loop import PIN_MODES, ComputeLoop, pin_compute_team
 from moelens.config import load_config
 from moelens.exchange import NUM_SLOTS, shm_slot_bytes
 from moelens.grpc_server import start_server, wait_for_termination
@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-dtype", default="float32", choices=KV_DTYPES)
     parser.add_argument("--num-threads", type=int, default=None,
                         help="attention kernel threads (default: all cores of this process)")
+    parser.add_argument("--pin-threads", default="auto", choices=PIN_MODES,
+                        help="pin the kernel threads one per CPU (auto: when they span every "
+                             "CPU of this process)")
     parser.add_argument("--transport", default="shm", choices=TRANSPORTS,
                         help="activation transport offered to the expert service")
     parser.add_argument("--max-num-tokens", type=int, default=8192,
@@ -41,7 +44,8 @@ def config_from_args(args: argparse.Namespace) -> AttentionConfig:
     return AttentionConfig(kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                            kv_dtype=args.kv_dtype,
                            num_threads=args.num_threads or default_num_threads(),
-                           transport=args.transport, max_num_tokens=args.max_num_tokens)
+                           pin_threads=args.pin_threads, transport=args.transport,
+                           max_num_tokens=args.max_num_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_config(resolve_model(args.model))
     compute = ComputeLoop()  # this thread: the pool, warmup and every layer (moelens.compute_loop)
     engine = AttentionEngine(model, config)
+    pinned = pin_compute_team(engine.kernel.pin_openmp_team, config.num_threads,
+                              config.pin_threads)  # before any other thread starts
     arena = None
     if config.transport == "shm":
         arena = ShmArena.create(NUM_SLOTS, align_up(shm_slot_bytes(
@@ -65,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     handle.set_serving(True)
     write_port_file(args.port_file, handle.port)
     log.info("attention service on %s:%d: %d blocks x %d tokens (%.2f GiB %s), kernel %s, "
-             "%d threads, transport %s", args.host, handle.port, engine.num_blocks,
-             config.block_size, engine.pool_bytes / 2**30, config.kv_dtype,
-             engine.kernel.backend(), config.num_threads, config.transport)
+             "%d threads (pinned to CPUs %s), transport %s", args.host, handle.port,
+             engine.num_blocks, config.block_size, engine.pool_bytes / 2**30, config.kv_dtype,
+             engine.kernel.backend(), config.num_threads, pinned, config.transport)
     wait_for_termination(handle, on_stop=arena.close if arena else None, compute=compute)
     return 0

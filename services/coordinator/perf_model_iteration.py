@@ -11,11 +11,12 @@ Both stages of the model price an iteration the same way, from a HardwareProfile
                 + a_tok · n)   (CPU paged attention: decode rows and prompt chunks that
                 continue a cached prefix; per call, per row and per stored token, 0 unless
                 measured in situ)
-    exchange  = L · (max(0, x_a · fixed − prefill / L) + x_b · per-byte · (n · 2·kv_size
+    exchange  = L · (max(0, x_a · fixed − hidden) + x_b · per-byte · (n · 2·kv_size
                 + paged rows · 2·q_size) · act. bytes)   (x_a, x_b =
                 StepOverheads.exchange_fixed_scale, exchange_byte_scale, 1 unless measured in
-                situ; the round trip's latency runs while the expert computes the layer's
-                causal attention of fresh prompts, between sending q/k/v and waiting for o)
+                situ; on an accelerator host the round trip's latency runs while the expert
+                computes the layer's causal attention of fresh prompts, hidden = prefill / L;
+                on a CPU-only host that attention waits for the round trip, hidden = 0)
     overhead  = step fixed + per sequence · sequences               (StepOverheads)
     compute   = max(gemm + prefill, attention) + exchange + overhead  (accelerator host)
               = gemm + prefill + attention + exchange + overhead      (CPU-only host: one set of
@@ -215,8 +216,9 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
         moved = (num_tokens * 2 * spec.kv_size + load.num_paged_rows * 2 * spec.q_size) \
             * spec.activation_bytes
         latency = over.exchange_fixed_scale * profile.exchange_fixed_s
+        hidden = prefill / spec.num_layers if profile.is_accelerator_separate else 0.0
         exchange = spec.num_layers * (
-            max(0.0, latency - prefill / spec.num_layers)
+            max(0.0, latency - hidden)
             + over.exchange_byte_scale * profile.exchange_s_per_byte * moved)
         attention += spec.num_layers * (over.attention_s_per_layer
                                         + over.attention_s_per_row * load.num_paged_rows

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from moelens import panel_gemm
+from moelens.compute_loop import PIN_MODES
 
 TRANSPORTS = ("shm", "grpc")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -24,6 +25,10 @@ class ExpertConfig:
     """Device memory budget for weights and workspace; None = all layers resident."""
     num_threads: int = 1
     """Torch intra-op threads."""
+    pin_threads: str = "auto"
+    """Pin those threads one per CPU: on, off, or auto (on the cpu device, when they span every
+    CPU this process may use; moelens.compute_loop.pin_compute_team). A CUDA host's expert
+    threads run beside the attention service's, not in turns, so auto leaves them unpinned."""
     transport: str = "shm"
     """Activation transport: shm (same host as the attention service) or grpc."""
     max_num_tokens: int = 8192
@@ -44,6 +49,9 @@ class ExpertConfig:
             raise ValueError(f"--device-memory-gb must be > 0, got {self.device_memory_gb}")
         if self.num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
+        if self.pin_threads not in PIN_MODES:
+            raise ValueError(f"--pin-threads must be one of {PIN_MODES}, got "
+                             f"{self.pin_threads!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.cpu_gemm not in panel_gemm.MODES:
@@ -55,6 +63,11 @@ class ExpertConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def pin_mode(self) -> str:
+        """pin_threads with auto resolved for the device (off on CUDA)."""
+        return "off" if self.pin_threads == "auto" and self.device != "cpu" else self.pin_threads
 
 
 def resolve_device(device: str) -> str:

@@ -10,8 +10,10 @@ service computes group B's GEMMs, then the roles swap:
     for L: recv(A,L) post(A,L) pre(A,L+1) send(A,L+1)  recv(B,L) post(B,L) pre(B,L+1) send(B,L+1)
 
 With the pipeline off there is one group and the service waits for each layer's attention.
-Sequences with no cached prefix get their causal attention here (prefill), overlapping the
-remote attention of the other rows.
+Sequences with no cached prefix get their causal attention here (prefill). Pipelined, it runs
+while the attention service works on the other rows; otherwise (a CPU-only host, where both
+services share the cores) after the layer's attention has come back, so the two services'
+thread teams never compete for the same cores.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class _Group:
     rope: Rope  # the group's rotary tables, shared by all layers
     hidden: torch.Tensor | None = None
     attn: torch.Tensor | None = None
+    fresh_qkv: tuple | None = None  # this layer's q, k, v of fresh prompts, until attended
     emit_order: list[int] = field(default_factory=list)  # positions in the step's emit list
 
 
@@ -111,7 +114,7 @@ class StepRunner:
         clock = _Clock(StepTimings(), self.device.type == "cuda")
         start = clock.now()
         groups = self._make_groups(seqs, pipeline)
-        self._run_layers(step_id, groups, clock)
+        self._run_layers(step_id, groups, clock, overlap=pipeline)
         t0 = clock.now()
         logits = self._logits(groups, sum(s.emit for s in seqs))
         t1 = clock.now()
@@ -168,7 +171,8 @@ class StepRunner:
         return plan
 
     # Layers ------------------------------------------------------------------------------------
-    def _run_layers(self, step_id: int, groups: list[_Group], clock: _Clock) -> None:
+    def _run_layers(self, step_id: int, groups: list[_Group], clock: _Clock,
+                    overlap: bool) -> None:
         held: dict[int, object] = {}
 
         def weights_of(layer: int):
@@ -178,20 +182,23 @@ class StepRunner:
 
         for g in groups:
             g.hidden = embed(self.weights, g.batch.token_ids)  # [T, H]
-            self._pre_and_send(step_id, g, 0, weights_of(0), clock)
+            self._pre_and_send(step_id, g, 0, weights_of(0), clock, overlap)
         num_layers = self.cfg.num_layers
         for layer in range(num_layers):
             for g in groups:
                 self._recv(g, clock)
+                self._prefill(g, clock)  # no-op when it ran while the attention service worked
                 t0 = clock.now()
                 g.hidden = post_attention(self.cfg, weights_of(layer), g.hidden, g.attn)
                 clock.timings.gemm_s += clock.now() - t0
                 if layer + 1 < num_layers:
-                    self._pre_and_send(step_id, g, layer + 1, weights_of(layer + 1), clock)
+                    self._pre_and_send(step_id, g, layer + 1, weights_of(layer + 1), clock,
+                                       overlap)
             self.store.release(layer)
             del held[layer]
 
-    def _pre_and_send(self, step_id: int, g: _Group, layer: int, lw, clock: _Clock) -> None:
+    def _pre_and_send(self, step_id: int, g: _Group, layer: int, lw, clock: _Clock,
+                      overlap: bool) -> None:
         t0 = clock.now()
         q, k, v = pre_attention(self.cfg, lw, g.hidden, g.rope)
         t1 = clock.now()
@@ -204,12 +211,21 @@ class StepRunner:
         g.attn = torch.empty_like(q)  # [T, Hq, D]
         if g.split.fresh_seq_lens:
             rows = g.split.fresh_rows
-            g.attn[rows] = self.prefill_attention(q[rows], k[rows], v[rows],
-                                                  g.split.fresh_seq_lens, self.scale)
-        t3 = clock.now()
+            g.fresh_qkv = (q[rows], k[rows], v[rows])
         clock.timings.gemm_s += t1 - t0
         clock.timings.exchange_s += t2 - t1
-        clock.timings.prefill_attention_s += t3 - t2
+        if overlap:
+            self._prefill(g, clock)
+
+    def _prefill(self, g: _Group, clock: _Clock) -> None:
+        """Causal attention of the group's fresh prompts for the layer last sent."""
+        if g.fresh_qkv is None:
+            return
+        t0 = clock.now()
+        g.attn[g.split.fresh_rows] = self.prefill_attention(*g.fresh_qkv, g.split.fresh_seq_lens,
+                                                            self.scale)
+        g.fresh_qkv = None
+        clock.timings.prefill_attention_s += clock.now() - t0
 
     def _recv(self, g: _Group, clock: _Clock) -> None:
         t0 = clock.now()

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attention_types.h"
+#include "openmp_team.h"
 #include "vec.h"
 
 namespace moelens {
@@ -332,4 +333,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &moelens::store_kv, "Write K/V rows at their slots (see kernel.py)");
   m.def("stream_read_gbps", &moelens::stream_read_gbps, "Streaming read bandwidth in GB/s");
   m.def("supported_isas", &moelens::supported_isas, "ISAs this CPU runs, best first");
+  m.def("pin_openmp_team", &moelens::pin_openmp_team, "thread t of the OpenMP team to cpus[t]");
 }
