@@ -18,9 +18,9 @@ Where a service's team spans every CPU it may use (the services share the host's
 take turns on them), `pin_compute_team` pins thread t of the team to the t-th CPU, the compute
 thread included, before the service starts any other thread: gRPC's threads then inherit the
 compute thread's CPU, so a turn's hand-offs (stream message, queue, compute thread) stay on one
-CPU, and each worker wakes where it slept. Unpinned, a woken worker sometimes lands on a halted
-virtual CPU: on the 2-vCPU development VM 10% of small attention calls after a 2 ms pause took
-~2.4 ms instead of ~0.1 (`bench/wake_latency.py`).
+CPU, and each worker wakes where it slept. Unpinned, on the 2-vCPU development VM, more than
+10% of small attention calls after a 2 ms pause took 2.5-2.9 ms instead of ~0.2 (p90 2.50-2.75
+ms unpinned, 0.22 pinned: `bench/wake_latency.py`).
 """
 
 from __future__ import annotations
