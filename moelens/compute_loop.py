@@ -65,13 +65,20 @@ def pin_compute_team(pin: Callable[[list[int]], list[int] | None], num_threads: 
 
 
 class ComputeLoop:
-    """Runs callables, one at a time, on the thread that created it (`run` serves them there)."""
+    """Runs callables, one at a time, on the thread that created it (`run` serves them there).
+
+    A call may itself wait for long on the owner thread (the attention service's exchange
+    session waits on its shared-memory ring there): it sets a `wake` hook that `call` and `stop`
+    invoke after queueing, and runs what was queued meanwhile with `poll`."""
 
     def __init__(self) -> None:
         self._owner = threading.current_thread()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Lock()  # orders a late call against the final drain
         self._stopped = False
+        self.is_stopping = False
+        """True once `stop`'s turn has come (a long call should then return)."""
+        self.wake: Callable[[], None] | None = None
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on the owner thread; its result or its exception here. On the owner thread
@@ -83,24 +90,47 @@ class ComputeLoop:
             if self._stopped:
                 raise Unavailable("the service is shutting down")
             self._queue.put((future, fn, args))
+        self._wake()
         return future.result()
+
+    @property
+    def has_queued(self) -> bool:
+        return not self._queue.empty()
 
     def run(self) -> None:
         """Serve calls on the owner thread, in order, until `stop`'s turn comes; calls queued
         after it fail with UNAVAILABLE, none is dropped silently."""
-        while (item := self._queue.get()) is not None:
-            future, fn, args = item
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 (handed to the caller)
-                future.set_exception(exc)
+        while not self.is_stopping:
+            self._serve(self._queue.get())
         with self._closing:
             self._stopped = True
             while not self._queue.empty():
                 if (item := self._queue.get_nowait()) is not None:
                     item[0].set_exception(Unavailable("the service is shutting down"))
 
+    def poll(self) -> None:
+        """Run the calls queued so far, from within a call on the owner thread (up to `stop`'s
+        turn, which sets is_stopping)."""
+        while not self.is_stopping and not self._queue.empty():
+            self._serve(self._queue.get_nowait())
+
     def stop(self) -> None:
         """Make `run` return once the calls already queued have run (safe from a signal
         handler)."""
         self._queue.put(None)
+        self._wake()
+
+    def _serve(self, item) -> None:
+        if item is None:
+            self.is_stopping = True
+            return
+        future, fn, args = item
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            future.set_exception(exc)
+
+    def _wake(self) -> None:
+        wake = self.wake
+        if wake is not None:
+            wake()

@@ -3,7 +3,9 @@
 shm: tensors go into a slot of the attention service's shared-memory arena; the message names the
 slot and the layout. grpc: the message carries the raw tensor bytes. Slots are fixed per
 pipeline group: group g writes its request into slot 2g and reads its response from slot 2g+1,
-and a group never has two layers in flight, so no slot is reused before it has been read.
+and a group never has two layers in flight, so no slot is reused before it has been read. With
+shm the messages themselves go through two rings in a second segment (moelens.shm_ring), one
+per direction, RING_DEPTH deep for the same reason.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from moelens.shm import ShmArena, layout_from_messages, layout_to_messages
 
 NUM_GROUPS = 2
 NUM_SLOTS = 2 * NUM_GROUPS
+RING_DEPTH = NUM_GROUPS
+REQUEST_RING, RESPONSE_RING = 0, 1
+"""Slots of the ring segment: LayerRequests to the attention service, LayerResponses back."""
 
 
 def request_slot(group: int) -> int:
@@ -45,3 +50,11 @@ def shm_slot_bytes(max_num_tokens: int, q_size: int, kv_size: int, itemsize: int
     per_token = (q_size + 2 * kv_size) * itemsize
     return max_num_tokens * per_token + 4 * 64
 
+
+
+def ring_message_bytes(max_num_tokens: int, num_blocks: int) -> int:
+    """Most bytes a serialized LayerRequest can take on a ring (its responses are smaller): the
+    plan of a step of `max_num_tokens` tokens over a pool of `num_blocks` blocks, counting the
+    protobuf varints generously (a slot, its row's sequence and context length, and a
+    sequence entry per token: 40 bytes; a block id: 5), plus 4 KiB of fields and layouts."""
+    return 4096 + 40 * max_num_tokens + 5 * num_blocks

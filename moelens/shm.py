@@ -213,6 +213,11 @@ class ShmArena:
             out[entry.name] = view.clone() if copy else view
         return out
 
+    def slot_array(self, slot: int) -> np.ndarray:
+        """The whole slot as a uint8 array over the mapping (for moelens.shm_ring)."""
+        base = self._slot_base(slot)
+        return self._base[base:base + self.slot_bytes].numpy()
+
     def unlink(self) -> None:
         """Remove the segment's name now (owner only); mappings stay valid. Idempotent."""
         if not self.is_owner:

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from moelens.v1 import common_pb2 as moelens_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoelens/v1/attention.proto\x12\nmoelens.v1\x1a\x17moelens/v1/common.proto\"\x16\n\x14\x41ttentionInfoRequest\"\xdc\x02\n\rAttentionInfo\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\x12\x10\n\x08kv_dtype\x18\x07 \x01(\t\x12\x12\n\npool_bytes\x18\x08 \x01(\x03\x12\x16\n\x0ekernel_backend\x18\t \x01(\t\x12\x13\n\x0bnum_threads\x18\n \x01(\x05\x12\x10\n\x08shm_name\x18\x0b \x01(\t\x12\x15\n\rshm_num_slots\x18\x0c \x01(\x05\x12\x16\n\x0eshm_slot_bytes\x18\r \x01(\x03\x12\x1b\n\x13kv_read_bytes_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15host_read_bytes_per_s\x18\x0f \x01(\x01\"3\n\x0eSequenceBlocks\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\"|\n\rAttentionPlan\x12\r\n\x05slots\x18\x01 \x03(\x03\x12-\n\tsequences\x18\x02 \x03(\x0b\x32\x1a.moelens.v1.SequenceBlocks\x12\x14\n\x0crow_sequence\x18\x03 \x03(\x05\x12\x17\n\x0frow_context_len\x18\x04 \x03(\x05\"G\n\tShmTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\x93\x02\n\x0cLayerRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x05\x12\'\n\x04plan\x18\x04 \x01(\x0b\x32\x19.moelens.v1.AttentionPlan\x12\x1d\n\x01k\x18\x05 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x1d\n\x01v\x18\x06 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x1d\n\x01q\x18\x07 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x10\n\x08shm_slot\x18\x08 \x01(\x05\x12*\n\x0bshm_tensors\x18\t \x03(\x0b\x32\x15.moelens.v1.ShmTensor\x12\x10\n\x08is_hello\x18\n \x01(\x08\"\xb2\x01\n\rLayerResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x05\x12\x1f\n\x03out\x18\x04 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x10\n\x08shm_slot\x18\x05 \x01(\x05\x12*\n\x0bshm_tensors\x18\x06 \x03(\x0b\x32\x15.moelens.v1.ShmTensor\x12\x13\n\x0b\x61ttention_s\x18\x07 \x01(\x01\"\'\n\x14\x46reeSequencesRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"J\n\x15\x46reeSequencesResponse\x12\x18\n\x10num_freed_blocks\x18\x01 \x01(\x03\x12\x17\n\x0fnum_used_blocks\x18\x02 \x01(\x03\x32\xb9\x02\n\x10\x41ttentionService\x12\x43\n\x04Info\x12 .moelens.v1.AttentionInfoRequest\x1a\x19.moelens.v1.AttentionInfo\x12\x45\n\x06Warmup\x12 .moelens.v1.AttentionInfoRequest\x1a\x19.moelens.v1.AttentionInfo\x12\x43\n\x08\x45xchange\x12\x18.moelens.v1.LayerRequest\x1a\x19.moelens.v1.LayerResponse(\x01\x30\x01\x12T\n\rFreeSequences\x12 .moelens.v1.FreeSequencesRequest\x1a!.moelens.v1.FreeSequencesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoelens/v1/attention.proto\x12\nmoelens.v1\x1a\x17moelens/v1/common.proto\"\x16\n\x14\x41ttentionInfoRequest\"\x90\x03\n\rAttentionInfo\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\x12\x10\n\x08kv_dtype\x18\x07 \x01(\t\x12\x12\n\npool_bytes\x18\x08 \x01(\x03\x12\x16\n\x0ekernel_backend\x18\t \x01(\t\x12\x13\n\x0bnum_threads\x18\n \x01(\x05\x12\x10\n\x08shm_name\x18\x0b \x01(\t\x12\x15\n\rshm_num_slots\x18\x0c \x01(\x05\x12\x16\n\x0eshm_slot_bytes\x18\r \x01(\x03\x12\x1b\n\x13kv_read_bytes_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15host_read_bytes_per_s\x18\x0f \x01(\x01\x12\x15\n\rshm_ring_name\x18\x10 \x01(\t\x12\x1b\n\x13shm_ring_slot_bytes\x18\x11 \x01(\x03\"3\n\x0eSequenceBlocks\x12\x0e\n\x06seq_id\x18\x01 \x01(\x03\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\"|\n\rAttentionPlan\x12\r\n\x05slots\x18\x01 \x03(\x03\x12-\n\tsequences\x18\x02 \x03(\x0b\x32\x1a.moelens.v1.SequenceBlocks\x12\x14\n\x0crow_sequence\x18\x03 \x03(\x05\x12\x17\n\x0frow_context_len\x18\x04 \x03(\x05\"G\n\tShmTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\xa5\x02\n\x0cLayerRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x05\x12\'\n\x04plan\x18\x04 \x01(\x0b\x32\x19.moelens.v1.AttentionPlan\x12\x1d\n\x01k\x18\x05 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x1d\n\x01v\x18\x06 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x1d\n\x01q\x18\x07 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x10\n\x08shm_slot\x18\x08 \x01(\x05\x12*\n\x0bshm_tensors\x18\t \x03(\x0b\x32\x15.moelens.v1.ShmTensor\x12\x10\n\x08is_hello\x18\n \x01(\x08\x12\x10\n\x08use_ring\x18\x0b \x01(\x08\"\xb2\x01\n\rLayerResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x05\x12\x1f\n\x03out\x18\x04 \x01(\x0b\x32\x12.moelens.v1.Tensor\x12\x10\n\x08shm_slot\x18\x05 \x01(\x05\x12*\n\x0bshm_tensors\x18\x06 \x03(\x0b\x32\x15.moelens.v1.ShmTensor\x12\x13\n\x0b\x61ttention_s\x18\x07 \x01(\x01\"\'\n\x14\x46reeSequencesRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"J\n\x15\x46reeSequencesResponse\x12\x18\n\x10num_freed_blocks\x18\x01 \x01(\x03\x12\x17\n\x0fnum_used_blocks\x18\x02 \x01(\x03\x32\xb9\x02\n\x10\x41ttentionService\x12\x43\n\x04Info\x12 .moelens.v1.AttentionInfoRequest\x1a\x19.moelens.v1.AttentionInfo\x12\x45\n\x06Warmup\x12 .moelens.v1.AttentionInfoRequest\x1a\x19.moelens.v1.AttentionInfo\x12\x43\n\x08\x45xchange\x12\x18.moelens.v1.LayerRequest\x1a\x19.moelens.v1.LayerResponse(\x01\x30\x01\x12T\n\rFreeSequences\x12 .moelens.v1.FreeSequencesRequest\x1a!.moelens.v1.FreeSequencesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTENTIONINFOREQUEST']._serialized_start=67
   _globals['_ATTENTIONINFOREQUEST']._serialized_end=89
   _globals['_ATTENTIONINFO']._serialized_start=92
-  _globals['_ATTENTIONINFO']._serialized_end=440
-  _globals['_SEQUENCEBLOCKS']._serialized_start=442
-  _globals['_SEQUENCEBLOCKS']._serialized_end=493
-  _globals['_ATTENTIONPLAN']._serialized_start=495
-  _globals['_ATTENTIONPLAN']._serialized_end=619
-  _globals['_SHMTENSOR']._serialized_start=621
-  _globals['_SHMTENSOR']._serialized_end=692
-  _globals['_LAYERREQUEST']._serialized_start=695
-  _globals['_LAYERREQUEST']._serialized_end=970
-  _globals['_LAYERRESPONSE']._serialized_start=973
-  _globals['_LAYERRESPONSE']._serialized_end=1151
-  _globals['_FREESEQUENCESREQUEST']._serialized_start=1153
-  _globals['_FREESEQUENCESREQUEST']._serialized_end=1192
-  _globals['_FREESEQUENCESRESPONSE']._serialized_start=1194
-  _globals['_FREESEQUENCESRESPONSE']._serialized_end=1268
-  _globals['_ATTENTIONSERVICE']._serialized_start=1271
-  _globals['_ATTENTIONSERVICE']._serialized_end=1584
+  _globals['_ATTENTIONINFO']._serialized_end=492
+  _globals['_SEQUENCEBLOCKS']._serialized_start=494
+  _globals['_SEQUENCEBLOCKS']._serialized_end=545
+  _globals['_ATTENTIONPLAN']._serialized_start=547
+  _globals['_ATTENTIONPLAN']._serialized_end=671
+  _globals['_SHMTENSOR']._serialized_start=673
+  _globals['_SHMTENSOR']._serialized_end=744
+  _globals['_LAYERREQUEST']._serialized_start=747
+  _globals['_LAYERREQUEST']._serialized_end=1040
+  _globals['_LAYERRESPONSE']._serialized_start=1043
+  _globals['_LAYERRESPONSE']._serialized_end=1221
+  _globals['_FREESEQUENCESREQUEST']._serialized_start=1223
+  _globals['_FREESEQUENCESREQUEST']._serialized_end=1262
+  _globals['_FREESEQUENCESRESPONSE']._serialized_start=1264
+  _globals['_FREESEQUENCESRESPONSE']._serialized_end=1338
+  _globals['_ATTENTIONSERVICE']._serialized_start=1341
+  _globals['_ATTENTIONSERVICE']._serialized_end=1654
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ class AttentionInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttentionInfo(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "num_used_blocks", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "pool_bytes", "kernel_backend", "num_threads", "shm_name", "shm_num_slots", "shm_slot_bytes", "kv_read_bytes_per_s", "host_read_bytes_per_s")
+    __slots__ = ("num_blocks", "block_size", "num_used_blocks", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "pool_bytes", "kernel_backend", "num_threads", "shm_name", "shm_num_slots", "shm_slot_bytes", "kv_read_bytes_per_s", "host_read_bytes_per_s", "shm_ring_name", "shm_ring_slot_bytes")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class AttentionInfo(_message.Message):
     SHM_SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     HOST_READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SHM_RING_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHM_RING_SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     num_used_blocks: int
@@ -44,7 +46,9 @@ class AttentionInfo(_message.Message):
     shm_slot_bytes: int
     kv_read_bytes_per_s: float
     host_read_bytes_per_s: float
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., pool_bytes: _Optional[int] = ..., kernel_backend: _Optional[str] = ..., num_threads: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_num_slots: _Optional[int] = ..., shm_slot_bytes: _Optional[int] = ..., kv_read_bytes_per_s: _Optional[float] = ..., host_read_bytes_per_s: _Optional[float] = ...) -> None: ...
+    shm_ring_name: str
+    shm_ring_slot_bytes: int
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., pool_bytes: _Optional[int] = ..., kernel_backend: _Optional[str] = ..., num_threads: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_num_slots: _Optional[int] = ..., shm_slot_bytes: _Optional[int] = ..., kv_read_bytes_per_s: _Optional[float] = ..., host_read_bytes_per_s: _Optional[float] = ..., shm_ring_name: _Optional[str] = ..., shm_ring_slot_bytes: _Optional[int] = ...) -> None: ...
 
 class SequenceBlocks(_message.Message):
     __slots__ = ("seq_id", "block_ids")
@@ -79,7 +83,7 @@ class ShmTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LayerRequest(_message.Message):
-    __slots__ = ("step_id", "layer", "group", "plan", "k", "v", "q", "shm_slot", "shm_tensors", "is_hello")
+    __slots__ = ("step_id", "layer", "group", "plan", "k", "v", "q", "shm_slot", "shm_tensors", "is_hello", "use_ring")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +94,7 @@ class LayerRequest(_message.Message):
     SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
     SHM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     IS_HELLO_FIELD_NUMBER: _ClassVar[int]
+    USE_RING_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     layer: int
     group: int
@@ -100,7 +105,8 @@ class LayerRequest(_message.Message):
     shm_slot: int
     shm_tensors: _containers.RepeatedCompositeFieldContainer[ShmTensor]
     is_hello: bool
-    def __init__(self, step_id: _Optional[int] = ..., layer: _Optional[int] = ..., group: _Optional[int] = ..., plan: _Optional[_Union[AttentionPlan, _Mapping]] = ..., k: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., v: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., q: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., shm_slot: _Optional[int] = ..., shm_tensors: _Optional[_Iterable[_Union[ShmTensor, _Mapping]]] = ..., is_hello: _Optional[bool] = ...) -> None: ...
+    use_ring: bool
+    def __init__(self, step_id: _Optional[int] = ..., layer: _Optional[int] = ..., group: _Optional[int] = ..., plan: _Optional[_Union[AttentionPlan, _Mapping]] = ..., k: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., v: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., q: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., shm_slot: _Optional[int] = ..., shm_tensors: _Optional[_Iterable[_Union[ShmTensor, _Mapping]]] = ..., is_hello: _Optional[bool] = ..., use_ring: _Optional[bool] = ...) -> None: ...
 
 class LayerResponse(_message.Message):
     __slots__ = ("step_id", "layer", "group", "out", "shm_slot", "shm_tensors", "attention_s")

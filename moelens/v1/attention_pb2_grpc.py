@@ -77,7 +77,8 @@ class AttentionServiceServicer:
     def Exchange(self, request_iterator, context):
         """The per-layer activation exchange: one long-lived stream per expert service. The first
         message of a step carries its plan; each layer message carries the new K/V and the queries
-        that read the cache; each response carries their attention output.
+        that read the cache; each response carries their attention output. After a hello with
+        use_ring, those messages travel through shared-memory rings instead of the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -7,7 +7,8 @@ import logging
 
 from moelens.compute_loop import PIN_MODES, ComputeLoop, pin_compute_team
 from moelens.config import load_config
-from moelens.exchange import NUM_SLOTS, shm_slot_bytes
+from moelens import shm_ring
+from moelens.exchange import NUM_SLOTS, RING_DEPTH, ring_message_bytes, shm_slot_bytes
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.metrics_server import start_service_metrics
 from moelens.service_args import (add_common_arguments, configure_logging, default_num_threads,
@@ -56,16 +57,19 @@ def run(args: argparse.Namespace) -> int:
     engine = AttentionEngine(model, config)
     pinned = pin_compute_team(engine.kernel.pin_openmp_team, config.num_threads,
                               config.pin_threads)  # before any other thread starts
-    arena = None
+    arena = ring_arena = None
     if config.transport == "shm":
         arena = ShmArena.create(NUM_SLOTS, align_up(shm_slot_bytes(
             config.max_num_tokens, model.q_size, model.kv_size)))
+        if shm_ring.is_supported():
+            message = ring_message_bytes(config.max_num_tokens, engine.num_blocks)
+            ring_arena = ShmArena.create(2, shm_ring.ring_slot_bytes(message, RING_DEPTH))
     metrics, observe = start_service_metrics(args.metrics_port, args.host, "attention_cpu",
                                              AttentionMetrics)
     if metrics:
         metrics.set_kernel(engine.kernel.backend(), not engine.kernel.is_native(),
                            config.num_threads)
-    servicer = AttentionServicer(engine, arena, compute, metrics)
+    servicer = AttentionServicer(engine, arena, compute, metrics, ring_arena)
     handle = start_server(lambda s: attention_pb2_grpc.add_AttentionServiceServicer_to_server(
         servicer, s), [SERVICE_NAME], args.host, args.port, observe=observe)
     handle.set_serving(True)
@@ -74,5 +78,11 @@ def run(args: argparse.Namespace) -> int:
              "%d threads (pinned to CPUs %s), transport %s", args.host, handle.port,
              engine.num_blocks, config.block_size, engine.pool_bytes / 2**30, config.kv_dtype,
              engine.kernel.backend(), config.num_threads, pinned, config.transport)
-    wait_for_termination(handle, on_stop=arena.close if arena else None, compute=compute)
+
+    def close_segments() -> None:
+        for segment in (arena, ring_arena):
+            if segment is not None:
+                segment.close()
+
+    wait_for_termination(handle, on_stop=close_segments, compute=compute)
     return 0

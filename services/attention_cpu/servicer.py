@@ -9,16 +9,40 @@ from moelens import exchange
 from moelens.compute_loop import ComputeLoop
 from moelens.errors import InvalidArgument, ResourceExhausted
 from moelens.shm import ShmArena
+from moelens.shm_ring import ShmRing
 from moelens.v1 import attention_pb2, attention_pb2_grpc
 from services.attention_cpu.engine import AttentionEngine, StepPlan
 
 log = logging.getLogger(__name__)
 
 
+class _RingSession:
+    """An exchange over the shared-memory rings: the gRPC stream only says when it ends."""
+
+    def __init__(self, requests: ShmRing):
+        self.requests = requests
+        self.is_closed = False
+        self.error: Exception | None = None
+
+    def watch(self, request_iterator) -> None:
+        """On a thread of its own: wait for the stream to end (the expert closed it or died),
+        then wake the compute thread's ring loop."""
+        try:
+            for _ in request_iterator:
+                self.error = InvalidArgument("a LayerRequest came on the stream after use_ring")
+                break
+        except Exception:  # noqa: BLE001 - a cancelled stream: the expert is gone
+            pass
+        finally:
+            self.is_closed = True
+            self.requests.kick()
+
+
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
     def __init__(self, engine: AttentionEngine, arena: ShmArena | None, compute: ComputeLoop,
-                 metrics=None):
+                 metrics=None, ring_arena: ShmArena | None = None):
         self.engine, self.arena, self.compute, self.metrics = engine, arena, compute, metrics
+        self.ring_arena = ring_arena
         self._exchange_busy = threading.Lock()  # one expert stream at a time owns the slots
 
     def _info(self) -> attention_pb2.AttentionInfo:
@@ -32,6 +56,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
             shm_name=self.arena.name if self.arena else "",
             shm_num_slots=self.arena.num_slots if self.arena else 0,
             shm_slot_bytes=self.arena.slot_bytes if self.arena else 0,
+            shm_ring_name=self.ring_arena.name if self.ring_arena else "",
+            shm_ring_slot_bytes=self.ring_arena.slot_bytes if self.ring_arena else 0,
             kv_read_bytes_per_s=e.kv_read_bytes_per_s,
             host_read_bytes_per_s=e.host_read_bytes_per_s)
 
@@ -67,19 +93,57 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         plans: dict[int, StepPlan] = {}  # by group: the plan of the step in flight
         for request in request_iterator:
             if request.is_hello:
+                if request.use_ring and self.ring_arena is None:
+                    raise InvalidArgument("use_ring: this attention service has no rings (start "
+                                          "it with --transport shm)")
+                if request.use_ring:  # a new session: nothing a previous one left counts
+                    for slot in (exchange.REQUEST_RING, exchange.RESPONSE_RING):
+                        self._ring(slot).reset()
                 yield attention_pb2.LayerResponse()
+                if request.use_ring:
+                    session = _RingSession(self._ring(exchange.REQUEST_RING))
+                    threading.Thread(target=session.watch, args=(request_iterator,),
+                                     name="exchange-session", daemon=True).start()
+                    self.compute.call(self._serve_ring, session)
+                    return
                 continue
-            if request.HasField("plan"):
-                p = request.plan
-                sequences = {s.seq_id: list(s.block_ids) for s in p.sequences}
-                plans[request.group] = self.compute.call(
-                    self.engine.begin, list(p.slots), sequences, list(p.row_sequence),
-                    list(p.row_context_len))
-            plan = plans.get(request.group)
-            if plan is None:
-                raise InvalidArgument(f"layer {request.layer} of group {request.group} "
-                                      f"arrived before its plan")
-            yield self.compute.call(self._layer, request, plan)  # on the compute thread
+            yield self.compute.call(self._handle, request, plans)  # on the compute thread
+
+    def _ring(self, slot: int) -> ShmRing:
+        return ShmRing(self.ring_arena, slot, exchange.RING_DEPTH)
+
+    def _serve_ring(self, session: _RingSession) -> None:
+        """On the compute thread, for the whole session: answer each LayerRequest of the
+        request ring on the response ring, and run the calls other RPCs queue meanwhile."""
+        requests, responses = session.requests, self._ring(exchange.RESPONSE_RING)
+        plans: dict[int, StepPlan] = {}
+        self.compute.wake = requests.kick
+        try:
+            while True:
+                payload = requests.wait(lambda: session.is_closed or self.compute.has_queued)
+                self.compute.poll()
+                if session.error is not None:
+                    raise session.error
+                if self.compute.is_stopping or (payload is None and session.is_closed):
+                    return
+                if payload is not None:
+                    request = attention_pb2.LayerRequest.FromString(payload)
+                    responses.post(self._handle(request, plans).SerializeToString())
+        finally:
+            self.compute.wake = None
+
+    def _handle(self, request, plans: dict[int, StepPlan]) -> attention_pb2.LayerResponse:
+        if request.HasField("plan"):
+            p = request.plan
+            sequences = {s.seq_id: list(s.block_ids) for s in p.sequences}
+            plans[request.group] = self.engine.begin(list(p.slots), sequences,
+                                                     list(p.row_sequence),
+                                                     list(p.row_context_len))
+        plan = plans.get(request.group)
+        if plan is None:
+            raise InvalidArgument(f"layer {request.layer} of group {request.group} "
+                                  f"arrived before its plan")
+        return self._layer(request, plan)
 
     def _layer(self, request, plan: StepPlan) -> attention_pb2.LayerResponse:
         tensors = exchange.get_tensors(request, ("k", "v", "q"), self.arena)
