@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -127,3 +128,32 @@ def test_services_validate_pin_threads():
     with pytest.raises(ValueError, match="--pin-threads"):
         ExpertConfig(attention_address="localhost:1", pin_threads="yes")
     assert ExpertConfig(attention_address="localhost:1").pin_mode == "auto"
+
+
+def test_a_long_call_serves_queued_calls_through_wake_and_poll():
+    """A call that waits on the owner thread (the attention service's ring session) is woken by
+    `wake` when another thread queues work, runs it with `poll`, and sees `stop`."""
+    loop, woken = ComputeLoop(), threading.Event()
+    results = []
+
+    def session():
+        loop.wake = woken.set
+        try:
+            while not loop.is_stopping:
+                assert woken.wait(10), "call/stop did not wake the session"
+                woken.clear()
+                loop.poll()
+        finally:
+            loop.wake = None
+        return "session over"
+
+    def other_thread():
+        while loop.wake is None:
+            time.sleep(0.01)
+        results.append(loop.call(lambda: threading.current_thread().name))
+        loop.stop()
+
+    threading.Thread(target=other_thread).start()
+    assert loop.call(session) == "session over"  # on the owner: runs at once
+    assert results == [threading.current_thread().name]
+    assert loop.is_stopping

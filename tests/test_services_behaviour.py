@@ -210,3 +210,51 @@ def test_profile_from_running_services(services, tiny_checkpoints, tmp_path):
     # the expert's warmup curve crosses the proto: every count from 1 token, each timed
     assert profile.gemm_curve_tokens[:2] == (1, 2) and len(profile.gemm_curve_s) == len(
         profile.gemm_curve_tokens) and min(profile.gemm_curve_s) > 0
+
+
+def test_dead_attention_fails_requests_loudly(tiny_checkpoints):
+    """The layers travel through the shared-memory rings; the attention service's death still
+    reaches the expert waiting on them (its gRPC session stream ends) and the request fails."""
+    with running_services(tiny_checkpoints["mixtral"]) as services:
+        stub = _stub(services.coordinator_address)
+        stream = stub.Generate(_request([5] * 10, max_tokens=5000 // 10, ignore_eos=True),
+                               timeout=120)
+        next(stream)
+        os.kill(services.services["attention"].process.pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as err:
+            _collect(stream)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "attention" in err.value.details()
+
+
+def test_attention_serves_a_new_expert_after_one_dies(tiny_checkpoints):
+    """An expert killed mid-session leaves its messages in the rings; the attention service
+    ends that session when the stream drops and starts the next one on empty rings."""
+    import torch
+
+    from moelens.errors import Unavailable
+    from services.expert_gpu.attention_client import AttentionClient
+    with running_services(tiny_checkpoints["mixtral"]) as services:
+        stub = _stub(services.coordinator_address)
+        stream = stub.Generate(_request([5] * 10, max_tokens=500, ignore_eos=True), timeout=120)
+        next(stream)
+        os.kill(services.services["expert"].process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = AttentionClient(services.attention_address, "shm")
+                break
+            except Unavailable:  # the dead expert's session has not ended yet
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        info = client.info
+        plan = attention_pb2.AttentionPlan(slots=[0])
+        plan.sequences.add(seq_id=12345, block_ids=[0])
+        request = attention_pb2.LayerRequest(step_id=7, layer=1, group=0, plan=plan)
+        kv = torch.ones(1, info.num_kv_heads, info.head_dim)
+        client.send_layer(request, {"k": kv, "v": kv, "q": torch.zeros(0, 1, info.head_dim)})
+        response, out = client.recv_out()
+        assert (response.step_id, response.layer) == (7, 1)
+        assert out.shape[0] == 0
+        client.free([12345])
+        client.close()
