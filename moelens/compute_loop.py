@@ -12,7 +12,12 @@ and then the waiting threads of one service spin through the other's turn on the
 share (the expert and attention services alternate every layer): `OPENMP_SPIN_COUNT` bridges
 the gaps between one service's parallel regions and no more. bench-mixtral bf16 job, 2 vCPUs
 (2026-12-06): 366-370 out tok/s before, 348 with one team and the default spin, 386-398 with
-one team and 1000-30000 spins.
+one team and 1000-30000 spins. A spin is one `pause` (26 ns on that Zen 4: 30000 spins are
+0.78 ms); with the teams pinned (below) the two services' workers share a CPU, and a worker
+still spinning from its own turn slowed the other service's next layer: a 1-token layer's
+GEMMs took 0.88 ms in a job against 0.27 alone. At 3000 (78 us) the built-in model's
+decode job ran at 2124-2308 total tok/s against 1876-1955 at 30000 (100: 1464; 2026-12-07),
+and bench-mixtral's job was unchanged (358/400 vs 376/376 out tok/s, alternated).
 
 Where a service's team spans every CPU it may use (the services share the host's cores and
 take turns on them), `pin_compute_team` pins thread t of the team to the t-th CPU, the compute
@@ -33,7 +38,7 @@ from typing import Any, Callable
 
 from moelens.errors import Unavailable
 
-OPENMP_SPIN_COUNT = "30000"
+OPENMP_SPIN_COUNT = "3000"
 PIN_MODES = ("auto", "on", "off")
 """--pin-threads: auto pins when the team spans every CPU the process may use."""
 
