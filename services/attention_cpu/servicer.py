@@ -92,22 +92,26 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
     def _serve_exchange(self, request_iterator):
         plans: dict[int, StepPlan] = {}  # by group: the plan of the step in flight
         for request in request_iterator:
+            if request.is_hello and request.use_ring:
+                yield from self._ring_session(request_iterator)
+                return
             if request.is_hello:
-                if request.use_ring and self.ring_arena is None:
-                    raise InvalidArgument("use_ring: this attention service has no rings (start "
-                                          "it with --transport shm)")
-                if request.use_ring:  # a new session: nothing a previous one left counts
-                    for slot in (exchange.REQUEST_RING, exchange.RESPONSE_RING):
-                        self._ring(slot).reset()
                 yield attention_pb2.LayerResponse()
-                if request.use_ring:
-                    session = _RingSession(self._ring(exchange.REQUEST_RING))
-                    threading.Thread(target=session.watch, args=(request_iterator,),
-                                     name="exchange-session", daemon=True).start()
-                    self.compute.call(self._serve_ring, session)
-                    return
                 continue
             yield self.compute.call(self._handle, request, plans)  # on the compute thread
+
+    def _ring_session(self, request_iterator):
+        """Answer the hello, then serve the session on the rings until the stream ends."""
+        if self.ring_arena is None:
+            raise InvalidArgument("use_ring: this attention service has no rings (start it with "
+                                  "--transport shm)")
+        for slot in (exchange.REQUEST_RING, exchange.RESPONSE_RING):
+            self._ring(slot).reset()  # a new session: nothing a previous one left counts
+        yield attention_pb2.LayerResponse()
+        session = _RingSession(self._ring(exchange.REQUEST_RING))
+        threading.Thread(target=session.watch, args=(request_iterator,), name="exchange-session",
+                         daemon=True).start()
+        self.compute.call(self._serve_ring, session)
 
     def _ring(self, slot: int) -> ShmRing:
         return ShmRing(self.ring_arena, slot, exchange.RING_DEPTH)
