@@ -175,23 +175,38 @@ def test_overload_is_resource_exhausted(services):
     assert _wait_blocks_freed(services) == 0
 
 
+def _kill_mid_stream(services, victim: str) -> grpc.RpcError:
+    """Kill one compute service while a request streams; return the error the client gets."""
+    stub = _stub(services.coordinator_address)
+    stream = stub.Generate(_request([5] * 10, max_tokens=5000 // 10, ignore_eos=True),
+                           timeout=120)
+    next(stream)
+    os.kill(services.services[victim].process.pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as err:
+        _collect(stream)
+    return err.value
+
+
 def test_dead_expert_fails_requests_loudly_and_shm_is_removed(tiny_checkpoints):
     with running_services(tiny_checkpoints["mixtral"]) as services:
-        stub = _stub(services.coordinator_address)
-        stream = stub.Generate(_request([5] * 10, max_tokens=5000 // 10, ignore_eos=True),
-                               timeout=120)
-        next(stream)
-        os.kill(services.services["expert"].process.pid, signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as err:
-            _collect(stream)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "expert" in err.value.details()
+        err = _kill_mid_stream(services, "expert")
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "expert" in err.details()
         attention_pid = services.services["attention"].process.pid
         os.kill(attention_pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while _segments(attention_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _segments(attention_pid)
+
+
+def test_dead_attention_fails_requests_loudly(tiny_checkpoints):
+    """The layers travel through the shared-memory rings; the attention service's death still
+    reaches the expert waiting on them (its gRPC session stream ends) and the request fails."""
+    with running_services(tiny_checkpoints["mixtral"]) as services:
+        err = _kill_mid_stream(services, "attention")
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "attention" in err.details()
 
 
 def _segments(pid: int) -> list[str]:
@@ -210,21 +225,6 @@ def test_profile_from_running_services(services, tiny_checkpoints, tmp_path):
     # the expert's warmup curve crosses the proto: every count from 1 token, each timed
     assert profile.gemm_curve_tokens[:2] == (1, 2) and len(profile.gemm_curve_s) == len(
         profile.gemm_curve_tokens) and min(profile.gemm_curve_s) > 0
-
-
-def test_dead_attention_fails_requests_loudly(tiny_checkpoints):
-    """The layers travel through the shared-memory rings; the attention service's death still
-    reaches the expert waiting on them (its gRPC session stream ends) and the request fails."""
-    with running_services(tiny_checkpoints["mixtral"]) as services:
-        stub = _stub(services.coordinator_address)
-        stream = stub.Generate(_request([5] * 10, max_tokens=5000 // 10, ignore_eos=True),
-                               timeout=120)
-        next(stream)
-        os.kill(services.services["attention"].process.pid, signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as err:
-            _collect(stream)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "attention" in err.value.details()
 
 
 def test_attention_serves_a_new_expert_after_one_dies(tiny_checkpoints):
