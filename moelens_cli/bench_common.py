@@ -212,6 +212,26 @@ class GemmRates:
         return replace(self, flops_per_s=rates)
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs from /proc/stat, or None where there is none.
+    Steal is time a virtual CPU wanted to run while its host ran something else: on a shared
+    VM the part of a measurement's noise no setting of ours can remove."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def steal_fraction(before: tuple[int, int] | None,
+                   after: tuple[int, int] | None) -> float | None:
+    """The share of the CPUs' time stolen between two cpu_jiffies() readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _weights(*shape: int) -> torch.Tensor:
     return torch.empty(shape).uniform_(-0.02, 0.02)
 

@@ -301,9 +301,10 @@ def run(args: argparse.Namespace) -> int:
             client = stack.enter_context(Client(address))
             client.wait_ready(_READY_TIMEOUT_S)
             setup = prepare(client, args, metrics_url)
-            before = _scrape(metrics_url)
+            before, jiffies = _scrape(metrics_url), common.cpu_jiffies()
             counts, elapsed = asyncio.run(_run_job(address, setup.requests,
                                                    not args.no_progress))
+            steal = common.steal_fraction(jiffies, common.cpu_jiffies())
             after = _scrape(metrics_url, client.server_info().num_steps)
         if setup.rates is not None and setup.cfg is not None:  # services stopped: idle cores
             print("moe-lens bench: measuring the GEMM roofline again...", file=sys.stderr,
@@ -321,6 +322,10 @@ def run(args: argparse.Namespace) -> int:
                                      sum(counts), elapsed)
     steps = bench_steps.summarize_steps(before, after) if before and after else None
     payload = report(args, setup, result, steps)
+    if steal is not None:
+        print(f"CPU steal during the job: {100 * steal:.1f}% of the CPUs' time (the host ran "
+              f"other work on them)")
+        payload["cpu_steal_fraction"] = steal
     if args.json:
         common.write_json(args.json, payload)
     return 0

@@ -252,16 +252,18 @@ def _measure_environment(ctx: dict, seed: int) -> tuple[list, list]:
 
 
 def _median_run(ctx: dict, point: GridPoint, seed: int) -> tuple[float, dict[str, float],
-                                                                list[float]]:
-    """The job run `--runs` times: (the median run's wall seconds and phases, every wall)."""
+                                                                list[float], float | None]:
+    """The job run `--runs` times: (the median run's wall seconds, phases and CPU steal, every
+    run's wall)."""
     runs = []
     for _ in range(ctx["args"].runs):
-        before = scrape_steps(ctx["metrics_url"])
+        before, jiffies = scrape_steps(ctx["metrics_url"]), common.cpu_jiffies()
         wall = _run_job(ctx["client"], point, ctx["cfg"].vocab_size, seed)
-        runs.append((wall, _phases_since(ctx["metrics_url"], before, wall)))
-    walls = [wall for wall, _ in runs]
-    wall, phases = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
-    return wall, phases, walls
+        steal = common.steal_fraction(jiffies, common.cpu_jiffies())
+        runs.append((wall, _phases_since(ctx["metrics_url"], before, wall), steal))
+    walls = [run[0] for run in runs]
+    wall, phases, steal = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    return wall, phases, walls, steal
 
 
 def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResult:
@@ -271,7 +273,7 @@ def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResul
     load_before = os.getloadavg()[0]
     preempted_before = client.server_info().num_preemptions
     profiles, jobs = _measure_environment(ctx, args.seed + 1000 + index)
-    wall, measured_phases, walls = _median_run(ctx, point, args.seed + index)
+    wall, measured_phases, walls, steal = _median_run(ctx, point, args.seed + index)
     preempted = round((client.server_info().num_preemptions - preempted_before) / args.runs)
     more_profiles, more_jobs = _measure_environment(ctx, args.seed + 2000 + index)
     profile = median_profile(profiles + more_profiles)
@@ -281,7 +283,7 @@ def _measure_point(ctx: dict, point: GridPoint, index: int) -> report.PointResul
         kv_cache_gb=ctx["kv_gb"], predicted_tokens_per_s=0.0,
         measured_tokens_per_s=point.num_requests * (point.prompt_len + point.gen_len) / wall,
         bottleneck="", wall_s=wall, run_walls_s=walls, measured_preemptions=preempted,
-        load_average=(load_before + os.getloadavg()[0]) / 2,
+        load_average=(load_before + os.getloadavg()[0]) / 2, cpu_steal_fraction=steal,
         is_capacity_bound=point.is_capacity_bound(args.max_num_seqs),
         measured_phases_s=measured_phases, spec=asdict(lens.spec),
         deployment=asdict(ctx["deployment"](lens)),

@@ -40,6 +40,9 @@ class PointResult:
     measured_preemptions: int = 0
     load_average: float = 0.0
     """1-minute load average around the point (the machine is shared; 2 cores)."""
+    cpu_steal_fraction: float | None = None
+    """Share of the CPUs' time the host took for other work during the median run (None
+    without /proc/stat): noise the model cannot price."""
     is_capacity_bound: bool = False
     """The KV cache is smaller than what the job's running requests could hold."""
     profile: dict[str, Any] = field(default_factory=dict)
@@ -70,7 +73,7 @@ def summary(results: list[PointResult]) -> tuple[float, float]:
 
 
 HEADER = (f"{'p':>4} {'g':>4} {'K':>4} {'KV MiB':>7} {'regime':>8} {'pred':>8} {'meas':>8} "
-          f"{'acc':>6} {'kern.':>6} {'bottleneck':<12} {'load':>5} {'pre p/m':>8}")
+          f"{'acc':>6} {'kern.':>6} {'bottleneck':<12} {'load':>5} {'steal':>6} {'pre p/m':>8}")
 
 
 def format_row(r: PointResult) -> str:
@@ -79,7 +82,12 @@ def format_row(r: PointResult) -> str:
     return (f"{r.prompt_len:>4} {r.gen_len:>4} {r.num_requests:>4} {r.kv_cache_gb * 1024:>7.1f} "
             f"{regime:>8} {r.predicted_tokens_per_s:>8.1f} {r.measured_tokens_per_s:>8.1f} "
             f"{100 * r.accuracy:>5.1f}% {100 * kernels:>5.1f}% {r.bottleneck:<12} "
-            f"{r.load_average:>5.1f} {r.predicted_preemptions:>3}/{r.measured_preemptions:<4}")
+            f"{r.load_average:>5.1f} {_percent(r.cpu_steal_fraction):>6} "
+            f"{r.predicted_preemptions:>3}/{r.measured_preemptions:<4}")
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def format_components(r: PointResult) -> str:
@@ -109,6 +117,7 @@ def format_summary(results: list[PointResult]) -> str:
 DIAGNOSTIC_KEYS = (
     "kernels_only_tokens_per_s", "fluid_tokens_per_s", "wall_s", "run_walls_s",
     "predicted_iterations", "predicted_preemptions", "measured_preemptions", "load_average",
+    "cpu_steal_fraction",
     "is_capacity_bound", "profile", "overheads", "predicted_components_s", "measured_phases_s",
     "spec", "deployment", "calibration_runs")
 """Per-point fields of the payload's "diagnostics" list."""

@@ -306,3 +306,12 @@ def test_bench_throughput_real_run(tiny_checkpoints, tmp_path, capsys):
     steps = result["step_timings"]
     assert steps["num_steps"] >= 4 and steps["phase_s"]["gemm"] > 0
     assert steps["num_prompt_tokens"] == 32 and steps["num_decode_tokens"] == 12
+
+
+def test_cpu_steal_share_between_two_readings():
+    from moelens_cli.bench_common import cpu_jiffies, steal_fraction
+    reading = cpu_jiffies()
+    assert reading is not None and 0 <= reading[0] <= reading[1]
+    assert steal_fraction((10, 100), (15, 200)) == pytest.approx(0.05)
+    assert steal_fraction((10, 100), (10, 100)) is None  # no time passed
+    assert steal_fraction(None, reading) is None
