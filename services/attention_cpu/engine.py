@@ -104,8 +104,11 @@ class AttentionEngine:
             raise InvalidArgument("plan.row_sequence indexes past plan.sequences")
         with self._lock:
             self.seq_to_blocks.update(sequences)
-        tables = pad_block_tables([sequences[seq_ids[i]] for i in row_sequence])
-        return StepPlan(slots=torch.tensor(slots, dtype=torch.int64), block_tables=tables,
+        # one padded table per sequence, then a row per query: a prompt chunk that continues a
+        # cached prefix has a row per token, all with its sequence's table
+        tables = pad_block_tables(list(sequences.values()))  # [S, max_blocks]
+        rows = torch.tensor(row_sequence, dtype=torch.int64)  # [R]
+        return StepPlan(slots=torch.tensor(slots, dtype=torch.int64), block_tables=tables[rows],
                         context_lens=torch.tensor(row_context_len, dtype=torch.int32))
 
     def run_layer(self, plan: StepPlan, layer: int, k: torch.Tensor, v: torch.Tensor,
