@@ -17,7 +17,9 @@ One ring carries one direction and lives in one slot of a ShmArena (moelens.shm)
 
 The writer copies the payload, then bumps `written`, then the doorbell, then wakes the reader; the
 reader takes message `taken % depth` while taken < written. At most `depth` messages are in
-flight (the exchange has one per pipeline group). That ordering needs stores to be seen in
+flight (the exchange has one per pipeline group). Kicks also come from other threads of the
+reader's own process; a bump lost to a race with the writer's still leaves the word different
+from what the waiter read, and a waiter re-checks everything it waits for, so none is missed. That ordering needs stores to be seen in
 program order (x86-64's memory model) and the futex system call; `is_supported()` says whether
 this host has both, and elsewhere the messages stay on the gRPC stream.
 """

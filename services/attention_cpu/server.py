@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from moelens import shm_ring
 from moelens.compute_loop import PIN_MODES, ComputeLoop, pin_compute_team
 from moelens.config import load_config
-from moelens import shm_ring
 from moelens.exchange import NUM_SLOTS, RING_DEPTH, ring_message_bytes, shm_slot_bytes
 from moelens.grpc_server import start_server, wait_for_termination
 from moelens.metrics_server import start_service_metrics
