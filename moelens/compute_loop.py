@@ -49,6 +49,12 @@ def default_openmp_spin() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
 
 
+def check_pin_mode(mode: str) -> None:
+    """ValueError naming the flag unless `mode` is one of PIN_MODES."""
+    if mode not in PIN_MODES:
+        raise ValueError(f"--pin-threads must be one of {PIN_MODES}, got {mode!r}")
+
+
 def team_cpus(num_threads: int, allowed: list[int]) -> list[int]:
     """The CPU of each thread of a team: thread t on the t-th allowed CPU, wrapping around."""
     cpus = sorted(allowed)
@@ -61,8 +67,7 @@ def pin_compute_team(pin: Callable[[list[int]], list[int] | None], num_threads: 
     pin_openmp_team) when `mode` is "on", or "auto" and the team spans every CPU this process
     may use. Call it on the compute thread before the service starts other threads. Returns the
     CPUs pinned to, or None when it did not pin."""
-    if mode not in PIN_MODES:
-        raise ValueError(f"--pin-threads must be one of {PIN_MODES}, got {mode!r}")
+    check_pin_mode(mode)
     allowed = sorted(os.sched_getaffinity(0))
     if mode == "off" or (mode == "auto" and num_threads != len(allowed)):
         return None

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 from moelens import wire
 from moelens.shm import ShmArena, layout_from_messages, layout_to_messages
+from moelens.shm_ring import ShmRing
 
 NUM_GROUPS = 2
 NUM_SLOTS = 2 * NUM_GROUPS
 RING_DEPTH = NUM_GROUPS
 REQUEST_RING, RESPONSE_RING = 0, 1
 """Slots of the ring segment: LayerRequests to the attention service, LayerResponses back."""
+
+
+def rings(arena: ShmArena) -> tuple[ShmRing, ShmRing]:
+    """(requests, responses): the message rings of a ring segment."""
+    return (ShmRing(arena, REQUEST_RING, RING_DEPTH), ShmRing(arena, RESPONSE_RING, RING_DEPTH))
 
 
 def request_slot(group: int) -> int:

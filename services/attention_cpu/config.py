@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moelens.compute_loop import PIN_MODES
+from moelens.compute_loop import check_pin_mode
 
 TRANSPORTS = ("shm", "grpc")
 KV_DTYPES = ("float32", "float16", "bfloat16")
@@ -37,9 +37,7 @@ class AttentionConfig:
             raise ValueError(f"--kv-dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
-        if self.pin_threads not in PIN_MODES:
-            raise ValueError(f"--pin-threads must be one of {PIN_MODES}, got "
-                             f"{self.pin_threads!r}")
+        check_pin_mode(self.pin_threads)
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.max_num_tokens < 1:

@@ -43,6 +43,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
                  metrics=None, ring_arena: ShmArena | None = None):
         self.engine, self.arena, self.compute, self.metrics = engine, arena, compute, metrics
         self.ring_arena = ring_arena
+        self.rings = None if ring_arena is None else exchange.rings(ring_arena)
+        """(requests, responses) with the shm transport: the exchange's message rings."""
         self._exchange_busy = threading.Lock()  # one expert stream at a time owns the slots
 
     def _info(self) -> attention_pb2.AttentionInfo:
@@ -102,24 +104,21 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
 
     def _ring_session(self, request_iterator):
         """Answer the hello, then serve the session on the rings until the stream ends."""
-        if self.ring_arena is None:
+        if self.rings is None:
             raise InvalidArgument("use_ring: this attention service has no rings (start it with "
                                   "--transport shm)")
-        for slot in (exchange.REQUEST_RING, exchange.RESPONSE_RING):
-            self._ring(slot).reset()  # a new session: nothing a previous one left counts
+        for ring in self.rings:
+            ring.reset()  # a new session: nothing a previous one left counts
         yield attention_pb2.LayerResponse()
-        session = _RingSession(self._ring(exchange.REQUEST_RING))
+        session = _RingSession(self.rings[0])
         threading.Thread(target=session.watch, args=(request_iterator,), name="exchange-session",
                          daemon=True).start()
         self.compute.call(self._serve_ring, session)
 
-    def _ring(self, slot: int) -> ShmRing:
-        return ShmRing(self.ring_arena, slot, exchange.RING_DEPTH)
-
     def _serve_ring(self, session: _RingSession) -> None:
         """On the compute thread, for the whole session: answer each LayerRequest of the
         request ring on the response ring, and run the calls other RPCs queue meanwhile."""
-        requests, responses = session.requests, self._ring(exchange.RESPONSE_RING)
+        requests, responses = self.rings
         plans: dict[int, StepPlan] = {}
         self.compute.wake = requests.kick
         try:

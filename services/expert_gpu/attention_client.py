@@ -52,8 +52,7 @@ class AttentionClient:
             return None
         self.ring_arena = ShmArena.attach(self.info.shm_ring_name, 2,
                                           self.info.shm_ring_slot_bytes)
-        return (ShmRing(self.ring_arena, exchange.REQUEST_RING, exchange.RING_DEPTH),
-                ShmRing(self.ring_arena, exchange.RESPONSE_RING, exchange.RING_DEPTH))
+        return exchange.rings(self.ring_arena)
 
     def _watch_stream(self) -> None:
         """With rings the stream is silent until it ends: when it does (the attention service

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from moelens import panel_gemm
-from moelens.compute_loop import PIN_MODES
+from moelens.compute_loop import check_pin_mode
 
 TRANSPORTS = ("shm", "grpc")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,9 +49,7 @@ class ExpertConfig:
             raise ValueError(f"--device-memory-gb must be > 0, got {self.device_memory_gb}")
         if self.num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")
-        if self.pin_threads not in PIN_MODES:
-            raise ValueError(f"--pin-threads must be one of {PIN_MODES}, got "
-                             f"{self.pin_threads!r}")
+        check_pin_mode(self.pin_threads)
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.cpu_gemm not in panel_gemm.MODES:
