@@ -5,7 +5,7 @@ gRPC stream it passes the client's request thread, loopback TCP, the server's ha
 its compute thread, and back: 0.7-0.9 ms at warmup and 1-2 ms inside a job on the 2-vCPU
 development VM, where every wake-up of a halted virtual CPU is slow. Through a ring the compute
 thread of one service writes the message and wakes the compute thread of the other directly (a
-futex round trip between two processes on one CPU: ~11 us there). The gRPC stream stays open
+round trip between two processes on one CPU: 19 us there, `bench/ring_latency.py`). The gRPC stream stays open
 beside it as the session: its end or failure is how either side learns the other is gone.
 
 One ring carries one direction and lives in one slot of a ShmArena (moelens.shm):
