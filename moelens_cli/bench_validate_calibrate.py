@@ -14,12 +14,12 @@ own phase timers (the coordinator's /metrics):
 
 Prefill attention: the prefill_attention phase of A…E per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
-In-situ GEMM scales: the expert's gemm phase in A…E against what the profile's GEMM curve
-prices for the same jobs, one scale for the line's fixed part and one for its per-token part
-(A and B are mostly the first, C…E mostly the second). The warmup times one layer over and
-over with the other services idle; inside a job each layer's weights come back from memory and
+In-situ GEMM terms: the expert's gemm phase in A…E against what the profile's GEMM curve
+prices for the same jobs, as seconds added per layer per iteration whatever its size (A and B
+measure mostly that) and a scale on the curve (C…E mostly that). The warmup times the layers
+with the other services idle; inside a job the compute threads wake after each exchange, and
 the coordinator, the clients' gRPC streams and the attention service run between the GEMMs on
-the same cores. The exchange the same way
+the same cores and caches. The exchange is scaled in two parts
 (in a job it costs ~2× the warmup's round trip, where both processes spin on an idle machine),
 and the paged attention's time beyond its KV bytes, fitted non-negative as seconds per call
 (the plan, the wake-up), per paged query row (each row's item: q in, softmax state, o out) and
@@ -29,9 +29,12 @@ prompt tokens stored, no paged rows) the third.
 Step overhead: wall time of each of A…E minus what the model prices for the same job (its
 scheduler replay with the prefill-attention fit and the in-situ terms above): the coordinator's
 Python, the Step RPC, sampling and embedding. Fitted, non-negative, as a cost per iteration, per
-scheduled sequence per iteration and per request (admission and completion): A and B (64
-iterations of 1 and `num_seqs` sequences) separate the first two, C…E (a request per sequence,
-one iteration each) the third. With the per-request term left out (a line through A and B only,
+scheduled sequence per iteration, per token of the iteration and per request (admission and
+completion): A and B (64 iterations of 1 and `num_seqs` sequences, a token each) give the first
+and the sum of the next two, C…E (the same 512 tokens an iteration, 1, 2 and 4 requests) the
+first plus 512 of the third, and the sum of the second and the fourth. Without the per-token
+term (until session 17) the Python lists of 512 prompt tokens a step were priced per request,
+~2.9 ms each, and the jobs of many short prompts came out 5-10% slow. With the per-request term left out (a line through A and B only,
 sessions 3–8) the jobs of many short requests were predicted 10–20% fast on session 9's machine
 and the long ones slow: the per-request costs had been spread over every decode step.
 """
@@ -63,10 +66,10 @@ made the calibration and its attention fit about attention work no served job of
 has (the 256-request job was then predicted 14% slow, likely for that reason)."""
 _SETTLE_TRIES, _SETTLE_S = 40, 0.05
 ATTENTION_TERMS = ("attention_s_per_layer", "attention_s_per_row", "attention_s_per_token")
-STEP_TERMS = ("step_fixed_s", "step_s_per_seq", "request_s")
-PART_SCALES = {"gemm": ("gemm_fixed_scale", "gemm_token_scale"),
+STEP_TERMS = ("step_fixed_s", "step_s_per_seq", "step_s_per_token", "request_s")
+PART_SCALES = {"gemm": ("gemm_layer_s", "gemm_scale"),
                "exchange": ("exchange_fixed_scale", "exchange_byte_scale")}
-"""The phases priced in two parts with one in-situ scale each (fit_part_scales)."""
+"""The phases priced in two parts with one in-situ term each (fit_part_scales)."""
 PART_FIT_ROUNDS = 3
 """Gauss-Newton rounds of fit_part_scales: the exchange's latency part is what the fresh
 prompts' causal attention leaves visible, not linear in its scale."""
@@ -202,12 +205,12 @@ def merge_calibrations(runs: list[list[CalibrationJob]]) -> list[CalibrationJob]
 
 def fit_part_scales(jobs: list[CalibrationJob], repeats: int, phase: str, names: tuple[str, str],
                     known: StepOverheads, priced) -> StepOverheads:
-    """`known` with the scales `names` of the two parts the model prices `phase` in (gemm: the
-    line's fixed and per-token parts; exchange: the round trip's latency and per-byte parts)
-    fitted, non-negative, to the relative errors of the jobs' measured phase. `priced(i,
-    overheads)` prices job i's phase. Gauss-Newton (PART_FIT_ROUNDS rounds, exact at once for
-    the GEMM, whose parts are linear in their scales). A first part that comes out 0 falls back
-    to one scale for both; no measurement of the phase leaves `known` as it is."""
+    """`known` with the terms `names` of the two parts the model prices `phase` in (gemm:
+    seconds per layer and the curve's scale; exchange: scales of the round trip's latency and
+    per-byte parts) fitted, non-negative, to the relative errors of the jobs' measured phase.
+    `priced(i, overheads)` prices job i's phase. Gauss-Newton (PART_FIT_ROUNDS rounds, exact at
+    once for the GEMM, which is linear in its terms). A first term that comes out 0 falls back
+    to scaling both by the totals' ratio; no measurement of the phase leaves `known` as it is."""
     measured = np.array([job.phase_s.get(phase, 0.0) / repeats for job in jobs])
     if not (measured > 0).all():
         return known

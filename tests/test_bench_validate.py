@@ -193,8 +193,8 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
                             max_num_seqs=24)
     truth = StepOverheads(step_fixed_s=4e-3, step_s_per_seq=3e-4, request_s=2e-3,
                           prefill_attention_s_per_seq=2e-4, prefill_attention_s_per_token=1e-6,
-                          prefill_attention_s_per_flop=2e-11, gemm_fixed_scale=0.9,
-                          gemm_token_scale=1.3, exchange_fixed_scale=2.0,
+                          prefill_attention_s_per_flop=2e-11, gemm_layer_s=2e-4,
+                          gemm_scale=1.3, exchange_fixed_scale=2.0,
                           exchange_byte_scale=1.5, attention_s_per_layer=1e-4,
                           attention_s_per_row=2e-5, attention_s_per_token=1e-6)
     jobs = []
@@ -203,13 +203,14 @@ def test_fit_overheads_recovers_the_system_it_was_measured_on():
                       replay=True).stage2_scheduled
         jobs.append(CalibrationJob(run.total_time_s, run.num_iterations, dict(run.components_s)))
     fitted = fit_overheads(jobs, 1, spec, profile, deployment)
-    for name in ("gemm_fixed_scale", "gemm_token_scale", "exchange_fixed_scale",
+    for name in ("gemm_layer_s", "gemm_scale", "exchange_fixed_scale",
                  "exchange_byte_scale", *ATTENTION_TERMS,
                  *STEP_TERMS):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
     assert fitted.prefill_attention_s_per_seq == pytest.approx(2e-4, rel=1e-3)
     bare = fit_overheads([replace(j, phase_s={}) for j in jobs], 1, spec, profile, deployment)
-    assert bare.gemm_fixed_scale == bare.gemm_token_scale == bare.exchange_fixed_scale == 1.0
+    assert bare.gemm_layer_s == 0.0
+    assert bare.gemm_scale == bare.exchange_fixed_scale == 1.0
     assert bare.attention_s_per_layer == bare.attention_s_per_row == 0.0
 
 
@@ -225,7 +226,7 @@ def test_reprice_refits_a_stored_run_and_gives_its_prediction_back(tmp_path):
     deployment = Deployment(kv_cache_bytes=2 ** 26, block_size=16, token_budget=512,
                             max_num_seqs=24)
     truth = StepOverheads(step_fixed_s=2e-3, step_s_per_seq=1e-4, request_s=1e-3,
-                          gemm_fixed_scale=1.1, gemm_token_scale=1.2,
+                          gemm_layer_s=1e-4, gemm_scale=1.2,
                           exchange_fixed_scale=1.5)
 
     def job(p: int, g: int, k: int):

@@ -3,10 +3,13 @@ step after step; budgets below the minimum fail with the minimum."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from moelens.checkpoint import load_weights
+from services.expert_gpu import profiling
 from services.expert_gpu.layer_store import LayerStore, PackedLayout, plan_residency
 
 
@@ -46,3 +49,24 @@ def test_plan_residency():
     assert plan_residency(layers, 50, 50, 300) == 0  # only the double buffer
     with pytest.raises(ValueError, match=r"minimum is"):
         plan_residency(layers, 50, 50, 299)
+
+
+@pytest.mark.parametrize("num_resident, dense, cold_layers, expected", [
+    (4, set(), 10, [0, 1, 2, 3]),  # all of them hold less than the cold bytes
+    (4, set(), 2, [0, 1]),  # two layers hold enough
+    (4, {0}, 10, [1, 2, 3]),  # the MoE layers the profile's bytes and FLOPs describe
+    (0, set(), 10, [0]),  # nothing resident: the streamed layer 0
+])
+def test_gemm_curve_layers(tiny_checkpoints, monkeypatch, num_resident, dense, cold_layers,
+                           expected):
+    _, weights = load_weights(tiny_checkpoints["qwen2_moe"])
+    layers = weights.layers * 2
+    store = LayerStore(layers, torch.device("cpu"), num_resident)
+    try:
+        monkeypatch.setattr(profiling, "CURVE_COLD_BYTES",
+                            sum(store.layer_bytes(i % 4) for i in range(cold_layers)))
+        worker = SimpleNamespace(store=store,
+                                 cfg=SimpleNamespace(is_moe_layer=lambda i: i not in dense))
+        assert profiling.curve_layers(worker) == expected
+    finally:
+        store.close()

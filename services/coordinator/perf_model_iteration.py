@@ -3,9 +3,9 @@
 Both stages of the model price an iteration the same way, from a HardwareProfile:
 
     io        = streamed weight bytes / B_IO                       (the data mover)
-    gemm      = s_a · r(n) · Σ_l a_l + s_b · [r(n) · Σ_l b_l · n + rows_out · lm_head FLOPs / C]
-                (GEMM line per layer, r(n) its measured curve's bend; s_a, s_b =
-                StepOverheads.gemm_fixed_scale, gemm_token_scale, 1 unless measured in situ)
+    gemm      = L · g_l + s · [r(n) · Σ_l (a_l + b_l · n) + rows_out · lm_head FLOPs / C]
+                (GEMM line per layer, r(n) its measured curve's bend; g_l, s =
+                StepOverheads.gemm_layer_s, gemm_scale: 0 and 1 unless measured in situ)
     prefill   = L · Σ_fresh (c_seq + c_tok · l + 2·q_size·l²·c_flop) (expert-side causal attention)
     attention = KV bytes read / attention KV bandwidth + L · (a_fix + a_row · paged rows
                 + a_tok · n)   (CPU paged attention: decode rows and prompt chunks that
@@ -17,7 +17,8 @@ Both stages of the model price an iteration the same way, from a HardwareProfile
                 situ; on an accelerator host the round trip's latency runs while the expert
                 computes the layer's causal attention of fresh prompts, hidden = prefill / L;
                 on a CPU-only host that attention waits for the round trip, hidden = 0)
-    overhead  = step fixed + per sequence · sequences               (StepOverheads)
+    overhead  = step fixed + per sequence · sequences + per token · n
+                + per request · fresh sequences                      (StepOverheads)
     compute   = max(gemm + prefill, attention) + exchange + overhead  (accelerator host)
               = gemm + prefill + attention + exchange + overhead      (CPU-only host: one set of
                                                                        cores runs it all)
@@ -98,7 +99,7 @@ def place_weights(spec: ModelSpec, deployment: Deployment) -> Placement:
 
 @dataclass(frozen=True)
 class GemmLine:
-    """The GEMM time of a whole iteration at n tokens (see `parts_at`), + lm_head rows."""
+    """The GEMM time of a whole iteration at n tokens (see `seconds_at`), + lm_head rows."""
 
     intercept_s: float
     slope_s_per_token: float
@@ -112,20 +113,15 @@ class GemmLine:
     """Measured / fitted-line seconds of the profiled layer at each of curve_tokens."""
 
     def seconds_at(self, num_tokens: float) -> float:
-        """GEMM seconds of an iteration of `num_tokens` tokens, lm_head rows not included."""
-        return sum(self.parts_at(num_tokens))
-
-    def parts_at(self, num_tokens: float) -> tuple[float, float]:
-        """seconds_at as (the line's fixed part, the part that grows with the tokens), each
-        bent by the curve."""
+        """GEMM seconds of an iteration of `num_tokens` tokens, lm_head rows not included: the
+        line bent by the curve, or with only the experts some token picks read."""
         if num_tokens <= 0:
-            return 0.0, 0.0
-        fixed, tokens = self.intercept_s, self.slope_s_per_token * num_tokens
+            return 0.0
+        line = self.intercept_s + self.slope_s_per_token * num_tokens
         if self.curve_tokens:
-            ratio = self._ratio(num_tokens)
-            return fixed * ratio, tokens * ratio
+            return line * self._ratio(num_tokens)
         picked = 1.0 - (1.0 - self.expert_pick_fraction) ** num_tokens
-        return fixed - self.expert_intercept_s * (1.0 - picked), tokens
+        return line - self.expert_intercept_s * (1.0 - picked)
 
     def _ratio(self, n: float) -> float:
         """curve_ratio interpolated linearly in n, held at the end values outside the curve."""
@@ -200,9 +196,10 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
     load = StepLoad(num_paged_rows=num_decode) if load is None else load
     over = StepOverheads() if overheads is None else overheads
     io = placement.streamed_bytes / profile.io_bandwidth_bytes_per_s
-    fixed, per_token = line.parts_at(num_tokens)
-    gemm = over.gemm_fixed_scale * fixed + over.gemm_token_scale * (
-        per_token + line.s_per_output_row * num_output_rows)
+    gemm = 0.0
+    if num_tokens > 0:
+        gemm = spec.num_layers * over.gemm_layer_s + over.gemm_scale * (
+            line.seconds_at(num_tokens) + line.s_per_output_row * num_output_rows)
     s_per_flop = over.prefill_attention_s_per_flop
     if s_per_flop is None:
         s_per_flop = 1.0 / profile.gemm_flops_per_s
@@ -226,7 +223,7 @@ def iteration_cost(spec: ModelSpec, profile: HardwareProfile, placement: Placeme
     overhead = 0.0
     if num_tokens > 0:
         overhead = over.step_fixed_s + over.step_s_per_seq * load.num_seqs \
-            + over.request_s * load.num_fresh_seqs
+            + over.step_s_per_token * num_tokens + over.request_s * load.num_fresh_seqs
     if profile.is_accelerator_separate:
         compute = max(gemm + prefill, attention) + exchange + overhead
         traffic = placement.streamed_bytes + kv_bytes

@@ -216,6 +216,9 @@ class StepOverheads:
     step_s_per_seq: float = 0.0
     """Seconds per scheduled sequence outside the profiled phases (plan entries, sampling,
     token events)."""
+    step_s_per_token: float = 0.0
+    """Seconds per token of the iteration outside the profiled phases (its id, position and
+    slot through the plan, the Step RPC and the attention plan: Python lists)."""
     request_s: float = 0.0
     """Seconds per request outside the profiled phases, priced in the iteration that admits it:
     its admission and first plan entry (prompt, sampling parameters), its completion (the
@@ -227,15 +230,16 @@ class StepOverheads:
     prefill_attention_s_per_flop: float | None = None
     """Expert-side causal attention: seconds per FLOP (2·q_size·l² per fresh sequence of l
     tokens per layer); None prices it at the GEMM line's rate."""
-    gemm_fixed_scale: float = 1.0
-    """GEMM time inside a running job / the profile's, for the GEMM line's fixed part (what an
-    iteration pays whatever its size: mostly reading the weights). The warmup times one layer
-    over and over with the other services idle; in a job every layer's weights come back from
-    memory and the other processes run between the GEMMs."""
-    gemm_token_scale: float = 1.0
-    """The same for the part that grows with the tokens (and the lm_head rows): the two differ
-    in a job (on session 10's Xeon one scale for both priced decode-heavy jobs 10% slow and
-    prefill-heavy ones 16% fast)."""
+    gemm_layer_s: float = 0.0
+    """GEMM seconds per layer per iteration that a running job adds to the profile's curve,
+    whatever the iteration's size: the warmup times the layers with the other services idle;
+    in a job the compute threads wake after the exchange and the attention service has run on
+    the same cores and caches in between (session 17: priced as a scale on the line's fixed
+    part instead, it grew with the curve's bend and priced decode steps of 16-24 tokens ~10%
+    slow when fitted at 1 and 24)."""
+    gemm_scale: float = 1.0
+    """GEMM time inside a running job / the profile's, for the curve itself (all its parts and
+    the lm_head rows)."""
     exchange_fixed_scale: float = 1.0
     """Activation exchange inside a running job / the profile's (its warmup round trip: both
     processes spinning, nothing else running), for the round trip's fixed part."""
@@ -251,11 +255,11 @@ class StepOverheads:
     """Paged-attention seconds per token of the iteration per layer: storing its K and V."""
 
     def __post_init__(self) -> None:
-        for name in ("gemm_fixed_scale", "exchange_fixed_scale"):
+        for name in ("gemm_scale", "exchange_fixed_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"StepOverheads.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("gemm_token_scale", "exchange_byte_scale", "step_fixed_s",
-                     "step_s_per_seq", "request_s", "prefill_attention_s_per_seq",
+        for name in ("gemm_layer_s", "exchange_byte_scale", "step_fixed_s",
+                     "step_s_per_seq", "step_s_per_token", "request_s", "prefill_attention_s_per_seq",
                      "prefill_attention_s_per_token", "prefill_attention_s_per_flop",
                      "attention_s_per_layer", "attention_s_per_row", "attention_s_per_token"):
             value = getattr(self, name)

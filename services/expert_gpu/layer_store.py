@@ -107,10 +107,12 @@ class LayerStore:
     def num_streamed(self) -> int:
         return len(self.streamed)
 
+    def layer_bytes(self, index: int) -> int:
+        return self.host_flat[index].numel() * self.host_flat[index].element_size()
+
     @property
     def streamed_bytes_per_step(self) -> int:
-        return sum(self.host_flat[i].numel() * self.host_flat[i].element_size()
-                   for i in self.streamed)
+        return sum(self.layer_bytes(i) for i in self.streamed)
 
     # Compute side ------------------------------------------------------------------------------
     def layer(self, index: int) -> LayerWeights:
@@ -123,7 +125,7 @@ class LayerStore:
         start = time.perf_counter()
         slot.ready.acquire()
         self.weight_wait_s += time.perf_counter() - start
-        self.bytes_streamed += self.host_flat[index].numel() * self.host_flat[index].element_size()
+        self.bytes_streamed += self.layer_bytes(index)
         if slot.copy_done is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.copy_done)
         return self.layouts[index].unpack(slot.buffer)
