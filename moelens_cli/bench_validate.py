@@ -5,7 +5,7 @@ hundreds of requests, KV caches that bind and ones that do not) the services are
 per KV size: it is a start flag), and then, point by point:
 
 1. the environment is measured: the services re-measure their hardware profile (the expert's
-   Warmup RPC, which re-runs the attention service's, `--warmups` times) and five calibration
+   Warmup RPC, which re-runs the attention service's, `--warmups` times) and six calibration
    jobs run (bench_validate_calibrate; never the point's own job);
 2. the job runs: every request submitted at once, random prompt ids, greedy, ignore_eos,
    min_tokens = max_tokens = gen_len; measured T = (prompt + generated tokens) / wall time;
@@ -197,7 +197,7 @@ def _warm_profiles(cfg: ModelConfig, expert, attention, num_warmups: int) -> tup
 def calibrated_prediction(client, metrics_url: str, cfg: ModelConfig, workload,
                           max_num_seqs: int, warmups: int = 7, seed: int = 0):
     """What this command would predict for `workload` on the running services behind `client`:
-    the median of `warmups` warmup profiles, StepOverheads fitted to calibration jobs A…E run
+    the median of `warmups` warmup profiles, StepOverheads fitted to calibration jobs A…F run
     now (bench_validate_calibrate), the scheduler replayed. One measurement before the job,
     where a validation point brackets its job with two. Returns the perf_model Prediction."""
     from services.coordinator.perf_model import predict

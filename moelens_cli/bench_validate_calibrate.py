@@ -3,18 +3,19 @@
 The hardware profile times kernels in isolation. A real iteration also runs the coordinator's
 Python (schedule, plan, token events), the Step RPC, embedding and sampling, the per-layer
 activation exchange between two processes (thread wake-ups included), and the expert-side causal
-attention of fresh prompts (SDPA, one call per sequence). Three short calibration jobs through
+attention of fresh prompts (SDPA, one call per sequence). Six short calibration jobs through
 the running services — never the validated point's own job — measure them with the services'
 own phase timers (the coordinator's /metrics):
 
 - A: 1 request and B: `num_seqs` requests of 8-token prompts decoding 64 tokens together;
 - C, D, E: prompts of b, b/2 and b/4 tokens filling the token budget b (512 in bench validate)
   1, 2 and 4 to an iteration, 6 iterations each (above 1024 tokens, b is split into
-  ceil(b / 1024) prompts: 1024, 512 and 256 tokens, 8, 16 and 32 to an iteration at b = 8192).
+  ceil(b / 1024) prompts: 1024, 512 and 256 tokens, 8, 16 and 32 to an iteration at b = 8192);
+- F: 4 × `num_seqs` requests of 8-token prompts generating 4 tokens (admissions and completions).
 
-Prefill attention: the prefill_attention phase of A…E per layer, fitted as
+Prefill attention: the prefill_attention phase of A…F per layer, fitted as
 per_seq · sequences + per_token · Σ l + per_flop · 2·q_size·Σ l² (non-negative least squares).
-In-situ GEMM terms: the expert's gemm phase in A…E against what the profile's GEMM curve
+In-situ GEMM terms: the expert's gemm phase in A…F against what the profile's GEMM curve
 prices for the same jobs, as seconds added per layer per iteration whatever its size (A and B
 measure mostly that) and a scale on the curve (C…E mostly that). The warmup times the layers
 with the other services idle; inside a job the compute threads wake after each exchange, and
@@ -23,18 +24,19 @@ the same cores and caches. The exchange is scaled in two parts
 (in a job it costs ~2× the warmup's round trip, where both processes spin on an idle machine),
 and the paged attention's time beyond its KV bytes, fitted non-negative as seconds per call
 (the plan, the wake-up), per paged query row (each row's item: q in, softmax state, o out) and
-per token stored (the step's K and V into their slots): A…E read little KV, so this is what
+per token stored (the step's K and V into their slots): A…F read little KV, so this is what
 they measure; A and B (1 and 24 decode rows a call) separate the first two, C…E (hundreds of
 prompt tokens stored, no paged rows) the third.
-Step overhead: wall time of each of A…E minus what the model prices for the same job (its
+Step overhead: wall time of each of A…F minus what the model prices for the same job (its
 scheduler replay with the prefill-attention fit and the in-situ terms above): the coordinator's
 Python, the Step RPC, sampling and embedding. Fitted, non-negative, as a cost per iteration, per
 scheduled sequence per iteration, per token of the iteration and per request (admission and
 completion): A and B (64 iterations of 1 and `num_seqs` sequences, a token each) give the first
 and the sum of the next two, C…E (the same 512 tokens an iteration, 1, 2 and 4 requests) the
-first plus 512 of the third, and the sum of the second and the fourth. Without the per-token
-term (until session 17) the Python lists of 512 prompt tokens a step were priced per request,
-~2.9 ms each, and the jobs of many short prompts came out 5-10% slow. With the per-request term left out (a line through A and B only,
+first plus 512 of the third, and the sum of the second and the fourth; F (96 requests at
+bench validate's cap) pins the fourth. Without the per-token term (until session 17) the Python
+lists of 512 prompt tokens a step were priced per request, ~2.9 ms each, and the jobs of many
+short prompts came out 5-10% slow. With the per-request term left out (a line through A and B only,
 sessions 3–8) the jobs of many short requests were predicted 10–20% fast on session 9's machine
 and the long ones slow: the per-request costs had been spread over every decode step.
 """
@@ -59,6 +61,11 @@ budget (LONG_PROMPT when there is none): the in-situ GEMM scale is measured at t
 the job runs at (scaled at 512 tokens, the prediction for bench-mixtral's 256-request job with
 its ~1100-token iterations was 12% pessimistic; scaled at the budget, 3%). Three lengths keep
 the per-token and per-FLOP terms apart; six iterations each average the machine's noise."""
+SHORT_GEN, SHORT_ROUNDS = 4, 4
+"""Job F: SHORT_ROUNDS × `num_seqs` requests of CALIBRATION_PROMPT tokens generating SHORT_GEN,
+mostly admission and completion: with only C…E's 6-24 requests (a few tens of ms of overhead in
+all) the per-request term came out anywhere from 0.2 to 3.3 ms from one point to the next, and
+the per-token term with it (session 17)."""
 MAX_PROMPT = 1024
 """Longest calibration prompt: a larger budget is filled with more prompts, not longer ones.
 Prefill attention grows with the square of the prompt; 8192-token prompts (a budget of 8192)
@@ -171,7 +178,7 @@ def run_calibration(client, metrics_url: str, vocab_size: int, num_seqs: int, pr
 
 def calibration_shapes(deployment,
                        max_prompt_len: int | None = None) -> list[tuple[int, int, int]]:
-    """(prompt_len, gen_len, requests) of calibration jobs A…E for this deployment (prompts of
+    """(prompt_len, gen_len, requests) of calibration jobs A…F for this deployment (prompts of
     at most `max_prompt_len` tokens: the model's context less the generated token)."""
     num_seqs = deployment.max_num_seqs or CALIBRATION_SEQS
     budget = deployment.token_budget or LONG_PROMPT
@@ -180,12 +187,12 @@ def calibration_shapes(deployment,
     p, g = CALIBRATION_PROMPT, CALIBRATION_GEN
     return [(p, g, 1), (p, g, num_seqs)] + [
         (long_prompt // per_step, 1, fill * per_step * PREFILL_STEPS)
-        for per_step in PROMPTS_PER_STEP]
+        for per_step in PROMPTS_PER_STEP] + [(p, SHORT_GEN, SHORT_ROUNDS * num_seqs)]
 
 
 def run_calibrations(client, metrics_url: str, deployment, vocab_size: int,
                      seed: int = 0, max_prompt_len: int | None = None) -> list[CalibrationJob]:
-    """Run calibration jobs A…E once each, in order."""
+    """Run calibration jobs A…F once each, in order."""
     return [run_calibration(client, metrics_url, vocab_size, k, p, g, seed + i)
             for i, (p, g, k) in enumerate(calibration_shapes(deployment, max_prompt_len))]
 
@@ -233,10 +240,10 @@ def fit_part_scales(jobs: list[CalibrationJob], repeats: int, phase: str, names:
 
 def fit_overheads(jobs: list[CalibrationJob], repeats: int, spec, profile,
                   deployment, max_prompt_len: int | None = None) -> StepOverheads:
-    """StepOverheads from calibration jobs A…E (`repeats` runs merged, run with the same
+    """StepOverheads from calibration jobs A…F (`repeats` runs merged, run with the same
     `max_prompt_len`; see the module docstring)."""
     from services.coordinator.perf_model import Workload, predict
-    shapes = calibration_shapes(deployment, max_prompt_len)
+    shapes = calibration_shapes(deployment, max_prompt_len)[:len(jobs)]  # runs stored before F
     lengths = [(p, k) for p, _, k in shapes]
     seconds = [job.phase_s.get("prefill_attention", 0.0) / spec.num_layers / repeats
                for job in jobs]

@@ -56,7 +56,7 @@ class PointResult:
     deployment: dict[str, Any] = field(default_factory=dict)
     """The perf_model ModelSpec and Deployment the point was priced with."""
     calibration_runs: list[list[dict[str, Any]]] = field(default_factory=list)
-    """The calibration jobs A…E before and after the job (CalibrationJob fields): with the
+    """The calibration jobs A…F before and after the job (CalibrationJob fields): with the
     profile, spec and deployment, all a later model needs to price the point again."""
 
     @property

@@ -168,15 +168,15 @@ def test_cli_defaults_and_errors(capsys):
 def test_calibration_prefills_fill_the_token_budget_within_the_context():
     deployment = Deployment(kv_cache_bytes=1 << 30, token_budget=1024, max_num_seqs=256)
     assert calibration_shapes(deployment) == [
-        (8, 64, 1), (8, 64, 256), (1024, 1, 6), (512, 1, 12), (256, 1, 24)]
-    assert [p for p, _, _ in calibration_shapes(deployment, max_prompt_len=511)][2:] == \
+        (8, 64, 1), (8, 64, 256), (1024, 1, 6), (512, 1, 12), (256, 1, 24), (8, 4, 1024)]
+    assert [p for p, _, _ in calibration_shapes(deployment, max_prompt_len=511)][2:5] == \
         [511, 255, 127]
     bare = Deployment(kv_cache_bytes=1 << 30)  # no budget, no running cap: 512 tokens, 24 seqs
     assert calibration_shapes(bare)[1:3] == [(8, 64, 24), (512, 1, 6)]
     big = Deployment(kv_cache_bytes=1 << 30, token_budget=8192, max_num_seqs=256)
-    assert calibration_shapes(big)[2:] == [(1024, 1, 48), (512, 1, 96), (256, 1, 192)]
+    assert calibration_shapes(big)[2:5] == [(1024, 1, 48), (512, 1, 96), (256, 1, 192)]
     odd = Deployment(kv_cache_bytes=1 << 30, token_budget=1289, max_num_seqs=256)
-    assert calibration_shapes(odd)[2:] == [(644, 1, 12), (322, 1, 24), (161, 1, 48)]
+    assert calibration_shapes(odd)[2:5] == [(644, 1, 12), (322, 1, 24), (161, 1, 48)]
 
 
 def test_fit_overheads_recovers_the_system_it_was_measured_on():
