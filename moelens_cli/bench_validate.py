@@ -332,9 +332,12 @@ def _run_group(args, cfg: ModelConfig, model: str, kv_tokens: int, points: list[
         client.wait_ready(_READY_TIMEOUT_S)
         expert, attention = _stubs(services)
         # An untimed job first: the services' first steps allocate and page in what later ones
-        # reuse, and the first point should not pay for it.
+        # reuse, and the first point should not pay for it. As many requests at once as the
+        # group's largest job: the gRPC servers start a handler thread per concurrent stream
+        # the first time so many are open (the first run of 200 requests was ~25% slower).
         run_calibration(client, f"http://127.0.0.1:{port}/metrics", cfg.vocab_size,
-                        args.max_num_seqs, 64, 16, args.seed + 999)
+                        max(args.max_num_seqs, *(p.num_requests for p in points)), 64, 16,
+                        args.seed + 999)
         budget = client.server_info().token_budget
         ctx = dict(args=args, cfg=cfg, client=client, expert=expert, attention=attention,
                    metrics_url=f"http://127.0.0.1:{port}/metrics", kv_gb=kv_gb)
