@@ -139,16 +139,19 @@ def packable(w: torch.Tensor) -> bool:
     return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and w.shape[-1] % BF16_DEPTH == 0)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | PanelWeight,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias) for a plain weight or a PanelWeight. x: [..., K] -> [..., N]."""
+def linear(x: torch.Tensor, w: torch.Tensor | PanelWeight, bias: torch.Tensor | None = None,
+           *, fp32_out: bool = False) -> torch.Tensor:
+    """F.linear(x, w, bias) for a plain weight or a PanelWeight. x: [..., K] -> [..., N], in
+    fp32 when `fp32_out` (bf16 panels then store their fp32 sums: no bf16 rounding, no
+    conversion pass over the output, which for logits is [rows, vocab])."""
     if not isinstance(w, PanelWeight):
-        return F.linear(x, w, bias)
+        y = F.linear(x, w, bias)
+        return y.float() if fp32_out else y
     if w.gated:
         raise ValueError("a gated gate/up weight is multiplied by swiglu, not linear")
     lead = x.shape[:-1]
     y = _extension().linear(x.reshape(-1, x.shape[-1]), w.panels, w.out_features,
-                            torch.get_num_threads())  # [M, N]
+                            torch.get_num_threads(), fp32_out)  # [M, N]
     if bias is not None:
         y += bias
     return y.view(*lead, w.out_features)

@@ -46,6 +46,20 @@ def test_matches_float64_linear(m, n, k):
     assert _close(got, F.linear(x.double(), w.double()))
 
 
+@pytest.mark.parametrize("m", [1, 17, 300])
+def test_fp32_out_is_the_unrounded_sum(m):
+    """fp32_out (the logits' lm_head) stores the fp32 sums: as close to float64 as fp32 allows,
+    and the bf16 output is exactly their rounding."""
+    gen = torch.Generator().manual_seed(m)
+    x, w = _bf16(m, 512, gen=gen), _bf16(100, 512, gen=gen, scale=512 ** -0.5)
+    panels = panel_gemm.pack(w)
+    got = panel_gemm.linear(x, panels, fp32_out=True)
+    assert got.shape == (m, 100) and got.dtype == torch.float32
+    expected = F.linear(x.double(), w.double())
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    assert torch.equal(got.to(BF16), panel_gemm.linear(x, panels))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_counts_agree(threads, torch_threads):
     gen = torch.Generator().manual_seed(threads)

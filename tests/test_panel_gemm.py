@@ -62,6 +62,7 @@ def test_leading_dims_views_and_empty_rows():
     x = torch.randn(3, 4, 40, generator=gen)[..., ::2]  # [3, 4, 20], not contiguous
     assert torch.allclose(panel_gemm.linear(x, pw).double(), _reference(x, w), atol=1e-4)
     assert panel_gemm.linear(torch.empty(0, 20), pw).shape == (0, 24)
+    assert torch.equal(panel_gemm.linear(x, pw, fp32_out=True), panel_gemm.linear(x, pw))
     assert torch.equal(panel_gemm.linear(x, w), F.linear(x, w))  # plain weights: F.linear
 
 

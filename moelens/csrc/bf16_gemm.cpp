@@ -171,6 +171,21 @@ struct StoreOut {  // y[M, N] bf16
   }
 };
 
+struct StoreOutF32 {  // y[M, N] fp32: the accumulators as they are (logits, no bf16 pass)
+  float* y;
+  int64_t N;
+  MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
+                               const float* c) const {
+    for (int r = 0; r < rows; ++r)
+      for (int p = 0; p < panels; ++p) {
+        const int64_t col = (panel0 + p) * NR;
+        const int n = int(std::min<int64_t>(NR, N - col));
+        _mm512_mask_storeu_ps(y + (row0 + r) * N + col, __mmask16((1u << n) - 1),
+                              c_row(c, r, p));
+      }
+  }
+};
+
 struct SwiGluOut {  // h[M, stride] bf16 (row-major, or `tile_order`), columns < inter written
   bf16* h;
   int64_t inter, stride;
@@ -328,15 +343,16 @@ void parallel(int64_t num_threads, const Body& body) {
 }
 
 // out [M, columns] = x · W^T through the epilogue `make_epi(out)` builds, on `num_threads`.
-template <typename MakeEpi>
+template <typename T, typename MakeEpi>
 torch::Tensor run_plain(const torch::Tensor& x, const torch::Tensor& wp, int64_t columns,
                         int64_t num_threads, const MakeEpi& make_epi) {
   check_x(x, wp, num_threads);
   const auto xc = x.contiguous(), wc = wp.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  auto out = torch::empty({M, columns}, x.options());
+  constexpr auto dtype = std::is_same_v<T, float> ? torch::kFloat32 : torch::kBFloat16;
+  auto out = torch::empty({M, columns}, x.options().dtype(dtype));
   if (M == 0) return out;
-  const auto epi = make_epi(data(out));
+  const auto epi = make_epi(static_cast<T*>(out.data_ptr()));
   pybind11::gil_scoped_release no_gil;
   std::vector<bf16> ablock(size_t(std::min(block_rows(K), padded_rows(M)) * K));
   parallel(num_threads, [&](const auto& block) {
@@ -380,18 +396,22 @@ std::string set_engine(const std::string& name) {
 
 #if MOELENS_BF16_X86
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
-                     int64_t num_threads) {
-  return run_plain(x, wp, out_features, num_threads,
-                   [&](bf16* y) { return StoreOut{y, out_features}; });
+                     int64_t num_threads, bool fp32_out) {
+  if (fp32_out)
+    return run_plain<float>(x, wp, out_features, num_threads,
+                            [&](float* y) { return StoreOutF32{y, out_features}; });
+  return run_plain<bf16>(x, wp, out_features, num_threads,
+                         [&](bf16* y) { return StoreOut{y, out_features}; });
 }
 
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t inter,
                      int64_t num_threads) {
-  return run_plain(x, wp, inter, num_threads,
-                   [&](bf16* h) { return SwiGluOut{h, inter, inter, false}; });
+  return run_plain<bf16>(x, wp, inter, num_threads,
+                         [&](bf16* h) { return SwiGluOut{h, inter, inter, false}; });
 }
 #else
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t, int64_t threads) {
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t, int64_t threads,
+                     bool) {
   check_x(x, wp, threads);  // raises: no bf16 engine here
   return {};
 }

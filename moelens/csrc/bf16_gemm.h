@@ -18,9 +18,10 @@ std::vector<std::string> engines();
 // Pins the engine ("amx", "avx512_bf16") or restores the best (""); returns the one in use.
 std::string set_engine(const std::string& name);
 
-// y[M, N] = x[M, K] · W^T, W as panels wp [P, K, 16] (bf16, rows paired).
+// y[M, N] = x[M, K] · W^T, W as panels wp [P, K, 16] (bf16, rows paired); y in bf16, or in
+// fp32 (the accumulators unrounded) when fp32_out.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
-                     int64_t num_threads);
+                     int64_t num_threads, bool fp32_out);
 
 // silu(x · gate^T) * (x · up^T) for a gated weight wp [P, K, 16] -> h [M, inter].
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t inter,

@@ -374,11 +374,12 @@ torch::Tensor row_major(const torch::Tensor& x) {
   return x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
 }
 
+// fp32_out: a bf16 weight's product comes back in fp32 (an fp32 weight's always does).
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t out_features,
-                     int64_t num_threads) {
+                     int64_t num_threads, bool fp32_out) {
   if (wp.scalar_type() == torch::kBFloat16) {
     check_panels(wp, 3, x.size(1), out_features, "weight");
-    return moelens::bf16::linear(x, wp, out_features, num_threads);
+    return moelens::bf16::linear(x, wp, out_features, num_threads, fp32_out);
   }
   check_x(x, num_threads);
   check_panels(wp, 3, x.size(1), out_features, "weight");

@@ -113,4 +113,4 @@ def final_logits(cfg: ModelConfig, weights: ModelWeights, hidden: torch.Tensor,
     """Final norm and lm_head only on the rows that emit a token. hidden: [T, H]; rows: [R]
     -> logits [R, V] in fp32."""
     x = rms_norm(hidden.index_select(0, rows), weights.final_norm, cfg.rms_norm_eps)
-    return linear(x, weights.lm_head).float()
+    return linear(x, weights.lm_head, fp32_out=True)

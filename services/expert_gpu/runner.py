@@ -238,10 +238,13 @@ class StepRunner:
         clock.timings.overlap_s += max(0.0, response.attention_s - waited)
 
     def _logits(self, groups: list[_Group], num_emit: int) -> torch.Tensor:
-        """[E, V] fp32 logits of every emitting sequence, in the step's sequence order."""
+        """[E, V] fp32 logits of every emitting sequence, in the step's sequence order (one
+        group's are already: [E, V] is tens of MB at a large vocabulary, not copied again)."""
+        parts = [(g.emit_order, final_logits(self.cfg, self.weights, g.hidden,
+                                             g.batch.emit_rows)) for g in groups if g.emit_order]
+        if len(parts) == 1 and parts[0][0] == list(range(num_emit)):
+            return parts[0][1]
         logits = torch.empty(num_emit, self.cfg.vocab_size, device=self.device)
-        for g in groups:
-            if g.emit_order:
-                order = torch.tensor(g.emit_order, device=self.device)
-                logits[order] = final_logits(self.cfg, self.weights, g.hidden, g.batch.emit_rows)
+        for order, rows in parts:
+            logits.index_copy_(0, torch.tensor(order, device=self.device), rows)
         return logits
