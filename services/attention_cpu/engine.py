@@ -23,6 +23,8 @@ from services.attention_cpu.config import AttentionConfig
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WIRE_DTYPES = frozenset(_DTYPES.values())
+"""Dtypes q, k and v may arrive in (one for all three)."""
 
 
 @dataclass
@@ -115,10 +117,15 @@ class AttentionEngine:
                   q: torch.Tensor) -> LayerResult:
         """Store the new K/V, then attention of the cache-reading rows.
 
-        k, v: [T, Hkv, D]; q: [R, Hq, D] -> out [R, Hq, D].
+        k, v: [T, Hkv, D]; q: [R, Hq, D], all in one of WIRE_DTYPES (the expert's compute
+        dtype) -> out [R, Hq, D] in q's dtype (the kernel itself runs on fp32 q and o).
         """
         if not 0 <= layer < self.model.num_layers:
             raise InvalidArgument(f"layer {layer} out of range [0, {self.model.num_layers})")
+        if q.dtype not in WIRE_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise InvalidArgument(f"layer {layer}: q, k and v must share one dtype of "
+                                  f"{sorted(str(d) for d in WIRE_DTYPES)}, got {q.dtype}, "
+                                  f"{k.dtype}, {v.dtype}")
         if k.shape[0] != plan.slots.numel() or q.shape[0] != plan.num_rows:
             raise InvalidArgument(f"layer {layer}: {k.shape[0]} K rows for {plan.slots.numel()} "
                                   f"slots, {q.shape[0]} queries for {plan.num_rows} rows")
@@ -127,8 +134,8 @@ class AttentionEngine:
         if k.shape[0]:
             self.kernel.store_kv(k_pool, v_pool, k, v, plan.slots)
         if plan.num_rows:
-            out = self.kernel.paged_attention(q, k_pool, v_pool, plan.block_tables,
-                                              plan.context_lens, self.scale)
+            out = self.kernel.paged_attention(q.float(), k_pool, v_pool, plan.block_tables,
+                                              plan.context_lens, self.scale).to(q.dtype)
         else:
             out = q.new_empty(q.shape)
         return LayerResult(out=out, seconds=time.perf_counter() - start)

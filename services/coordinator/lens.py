@@ -50,7 +50,7 @@ class LiveLens:
               attention_info) -> "LiveLens":
         kv_bytes = _DTYPE_BYTES[attention_info.kv_dtype]
         spec = ModelSpec.from_config(cfg, weight_bytes=_DTYPE_BYTES[expert_info.dtype],
-                                     kv_bytes=kv_bytes, activation_bytes=4)
+                                     kv_bytes=kv_bytes)  # activations cross in that dtype too
         budget = expert_info.device_memory_budget_bytes or None
         deployment = Deployment(kv_cache_bytes=attention_info.pool_bytes,
                                 block_size=attention_info.block_size,

@@ -127,9 +127,11 @@ def measure_exchange(worker, num_tokens: int = 256, repeats: int = 5) -> tuple[f
     plan = attention_pb2.AttentionPlan(slots=list(range(num_tokens)))
     plan.sequences.add(seq_id=WARMUP_SEQ_ID, block_ids=blocks)
 
+    dtype = worker.weights.embed.dtype  # what the runner sends
+
     def round_trip(n: int) -> float:
-        k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim)
-        q = torch.zeros(0, cfg.num_heads, cfg.head_dim)
+        k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+        q = torch.zeros(0, cfg.num_heads, cfg.head_dim, dtype=dtype)
         best = float("inf")
         for _ in range(repeats):
             request = attention_pb2.LayerRequest(step_id=0, layer=0, group=0)
@@ -142,7 +144,8 @@ def measure_exchange(worker, num_tokens: int = 256, repeats: int = 5) -> tuple[f
         return best
 
     fixed = round_trip(0)
-    per_byte = max(0.0, round_trip(num_tokens) - fixed) / (2 * num_tokens * cfg.kv_size * 4)
+    per_byte = max(0.0, round_trip(num_tokens) - fixed) / (2 * num_tokens * cfg.kv_size
+                                                            * dtype.itemsize)
     worker.attention.free([WARMUP_SEQ_ID])
     return fixed, per_byte
 

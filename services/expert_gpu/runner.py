@@ -205,8 +205,10 @@ class StepRunner:
         request = attention_pb2.LayerRequest(step_id=step_id, layer=layer, group=g.index)
         if layer == 0:
             request.plan.CopyFrom(g.plan)
-        self.attention.send_layer(request, {"k": k.float(), "v": v.float(),
-                                            "q": q.index_select(0, g.split.paged_rows).float()})
+        # in the compute dtype: bf16 halves the bytes, and the attention service stores K and V
+        # in its pool dtype and widens q itself; o comes back in the same dtype
+        self.attention.send_layer(request, {"k": k, "v": v,
+                                            "q": q.index_select(0, g.split.paged_rows)})
         t2 = clock.now()
         g.attn = torch.empty_like(q)  # [T, Hq, D]
         if g.split.fresh_seq_lens:
