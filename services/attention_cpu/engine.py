@@ -34,6 +34,8 @@ class StepPlan:
     slots: torch.Tensor  # [T] int64
     block_tables: torch.Tensor  # [R, max_blocks] int32
     context_lens: torch.Tensor  # [R] int32
+    kv_tokens: int = 0
+    """Σ context_lens: the cached tokens each layer reads."""
 
     @property
     def num_rows(self) -> int:
@@ -111,7 +113,8 @@ class AttentionEngine:
         tables = pad_block_tables(list(sequences.values()))  # [S, max_blocks]
         rows = torch.tensor(row_sequence, dtype=torch.int64)  # [R]
         return StepPlan(slots=torch.tensor(slots, dtype=torch.int64), block_tables=tables[rows],
-                        context_lens=torch.tensor(row_context_len, dtype=torch.int32))
+                        context_lens=torch.tensor(row_context_len, dtype=torch.int32),
+                        kv_tokens=sum(row_context_len))
 
     def run_layer(self, plan: StepPlan, layer: int, k: torch.Tensor, v: torch.Tensor,
                   q: torch.Tensor) -> LayerResult:
@@ -142,7 +145,7 @@ class AttentionEngine:
 
     def kv_bytes_read(self, plan: StepPlan) -> int:
         per_token = 2 * self.model.kv_size * self.pool.k.element_size()
-        return int(plan.context_lens.sum()) * per_token
+        return plan.kv_tokens * per_token
 
     def require_sequence(self, seq_id: int) -> list[int]:
         with self._lock:
