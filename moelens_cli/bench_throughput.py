@@ -7,7 +7,7 @@ Just before the job, with the services idle, and again after it, the same proces
 machine's fp32 GEMM rates on the model's shapes (the roofline: the faster of the two per kind)
 and, before it, unless --profile is given, the hardware profile the prediction runs on. That
 prediction prices kernels only; `--calibrate` adds the one `bench validate` makes: the services'
-warmup profile and the step overheads of five short calibration jobs run just before
+warmup profile and the step overheads of six short calibration jobs run just before
 (coordinator Python, RPCs, sampling, the in-situ GEMM slowdown; the expert and attention
 services' addresses the coordinator reports must be reachable from here).
 Without --coordinator the services are started here (with /metrics on, so the job's step timings
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--calibrate", action="store_true",
                         help="also predict as `bench validate` does (warmup profiles + step "
-                             "overheads from 5 calibration jobs run just before; needs the "
+                             "overheads from 6 calibration jobs run just before; needs the "
                              "services' /metrics: started here, or --metrics-url)")
     add_launch_arguments(parser)
 
@@ -87,6 +87,8 @@ class Setup:
     prediction: Any = None
     calibrated: Any = None
     """The Prediction of --calibrate (services' warmup profile, measured step overheads)."""
+    calibrated_overheads: Any = None
+    """The StepOverheads it was priced with."""
 
 
 def _local_config(model_info: ModelInfo, args: argparse.Namespace) -> ModelConfig | None:
@@ -147,7 +149,8 @@ def prepare(client: Client, args: argparse.Namespace, metrics_url: str | None = 
         except (ValueError, OSError) as err:  # the job is still worth running without it
             print(f"moe-lens bench: no prediction: {err}", file=sys.stderr)
     if cfg is not None and args.calibrate:
-        setup.calibrated = _calibrate(client, cfg, setup, args, metrics_url)
+        setup.calibrated, setup.calibrated_overheads = _calibrate(client, cfg, setup, args,
+                                                                  metrics_url)
     return setup
 
 
@@ -156,7 +159,7 @@ def _calibrate(client: Client, cfg: ModelConfig, setup: Setup, args: argparse.Na
     from moelens_cli.bench_validate import calibrated_prediction
     from services.coordinator.perf_model import Workload
     from services.coordinator.scheduler import SchedulerConfig
-    print("moe-lens bench: calibrating the prediction (warmups, 5 short jobs)...",
+    print("moe-lens bench: calibrating the prediction (warmups, short calibration jobs)...",
           file=sys.stderr, flush=True)
     workload = Workload.from_pairs([(len(r.prompt_ids), r.gen_len) for r in setup.requests])
     max_num_seqs = args.max_num_seqs or SchedulerConfig().max_num_seqs
@@ -227,9 +230,10 @@ def report(args: argparse.Namespace, setup: Setup, result: common.ThroughputResu
         kernels_only = payload["predicted_output_tokens_per_s"]
         payload.update(_prediction(
             "Calibrated prediction", scheduled, scheduled.bottleneck, result,
-            "services' warmup profile + step overheads of 5 calibration jobs (as bench validate)"),
+            "services' warmup profile + step overheads of calibration jobs (as bench validate)"),
             kernels_only_predicted_output_tokens_per_s=kernels_only, calibrated_prediction=True,
-            calibrated_components_s=dict(scheduled.components_s))
+            calibrated_components_s=dict(scheduled.components_s),
+            calibrated_overheads=vars(setup.calibrated_overheads))
         print("  predicted seconds: " + ", ".join(
             f"{name} {seconds:.2f}" for name, seconds in scheduled.components_s.items()))
     if steps is not None:

@@ -199,7 +199,8 @@ def calibrated_prediction(client, metrics_url: str, cfg: ModelConfig, workload,
     """What this command would predict for `workload` on the running services behind `client`:
     the median of `warmups` warmup profiles, StepOverheads fitted to calibration jobs A…F run
     now (bench_validate_calibrate), the scheduler replayed. One measurement before the job,
-    where a validation point brackets its job with two. Returns the perf_model Prediction."""
+    where a validation point brackets its job with two. Returns the perf_model Prediction and
+    the fitted StepOverheads."""
     from services.coordinator.perf_model import predict
     info = client.server_info()
     expert, attention = _stubs(info)  # ServerInfo names both addresses
@@ -211,7 +212,8 @@ def calibrated_prediction(client, metrics_url: str, cfg: ModelConfig, workload,
     jobs = run_calibrations(client, metrics_url, deployment, cfg.vocab_size, seed,
                             max_prompt_len)
     overheads = fit_overheads(jobs, 1, lens.spec, lens.profile, deployment, max_prompt_len)
-    return predict(lens.spec, lens.profile, workload, deployment, overheads, replay=True)
+    return predict(lens.spec, lens.profile, workload, deployment, overheads,
+                   replay=True), overheads
 
 
 def _run_job(client, point: GridPoint, vocab_size: int, seed: int) -> float:

@@ -301,6 +301,7 @@ def test_bench_throughput_real_run(tiny_checkpoints, tmp_path, capsys):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["calibrated_prediction"] is True and result["predicted_iterations"] >= 2
     assert result["calibrated_components_s"]["gemm"] > 0
+    assert result["calibrated_overheads"]["gemm_scale"] > 0
     assert result["num_output_tokens"] == 16 and result["num_prompt_tokens"] == 32
     assert result["config"]["num_requests"] == 4 and result["config"]["prompt_len"] == 8
     steps = result["step_timings"]

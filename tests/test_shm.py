@@ -148,6 +148,21 @@ def test_read_views_alias_the_slot_and_copies_do_not(arena: ShmArena) -> None:
     assert torch.equal(copy, torch.zeros(4))
 
 
+def test_a_new_layout_on_a_slot_gets_new_views_and_checks(arena: ShmArena) -> None:
+    """Each slot remembers its last layout's views: the same layout again reuses them, another
+    one (the next step's shapes) gets its own, and a bad one is still refused."""
+    first = arena.write(1, {"k": torch.arange(6.0).view(2, 3)})
+    again = arena.write(1, {"k": torch.ones(2, 3)})
+    assert again == first and torch.equal(arena.read(1, first)["k"], torch.ones(2, 3))
+    assert arena.read(1, first)["k"].data_ptr() == arena.read(1, again)["k"].data_ptr()
+    wider = arena.write(1, {"k": torch.arange(8.0).view(2, 4), "q": torch.full((3,), 7.0)})
+    out = arena.read(1, wider)
+    assert torch.equal(out["k"], torch.arange(8.0).view(2, 4))
+    assert torch.equal(out["q"], torch.full((3,), 7.0))
+    with pytest.raises(ValueError, match="past the slot size"):
+        arena.read(1, SlotLayout((TensorSlice("k", "float32", (32,), 16 * 1024 - 64),)))
+
+
 def test_layout_travels_in_the_layer_request_message(arena: ShmArena) -> None:
     tensors = {"k": torch.randn(3, 2, 8).bfloat16(), "q": torch.randn(1, 4, 8)}
     request = attention_pb2.LayerRequest(shm_slot=1)
