@@ -63,6 +63,12 @@ class _Group:
     fresh_qkv: tuple | None = None  # this layer's q, k, v of fresh prompts, until attended
     emit_order: list[int] = field(default_factory=list)  # positions in the step's emit list
 
+    @property
+    def all_paged(self) -> bool:
+        """Every token reads the cache (a decode step): q goes out and o comes back whole."""
+        return not self.split.fresh_seq_lens and len(self.split.paged_rows) == \
+            len(self.batch.token_ids)
+
 
 @dataclass
 class _Clock:
@@ -207,10 +213,10 @@ class StepRunner:
             request.plan.CopyFrom(g.plan)
         # in the compute dtype: bf16 halves the bytes, and the attention service stores K and V
         # in its pool dtype and widens q itself; o comes back in the same dtype
-        self.attention.send_layer(request, {"k": k, "v": v,
-                                            "q": q.index_select(0, g.split.paged_rows)})
+        paged_q = q if g.all_paged else q.index_select(0, g.split.paged_rows)
+        self.attention.send_layer(request, {"k": k, "v": v, "q": paged_q})
         t2 = clock.now()
-        g.attn = torch.empty_like(q)  # [T, Hq, D]
+        g.attn = None if g.all_paged else torch.empty_like(q)  # [T, Hq, D]
         if g.split.fresh_seq_lens:
             rows = g.split.fresh_rows
             g.fresh_qkv = (q[rows], k[rows], v[rows])
@@ -233,7 +239,11 @@ class StepRunner:
         t0 = clock.now()
         response, out = self.attention.recv_out()
         waited = clock.now() - t0
-        if g.split.paged_rows.numel():
+        if g.all_paged:
+            # o itself: a view of the response slot, read by post_attention before this
+            # group's next response can land there
+            g.attn = out.to(self.device, self.dtype)
+        elif g.split.paged_rows.numel():
             g.attn[g.split.paged_rows] = out.to(self.device, self.dtype)
         clock.timings.attention_s += response.attention_s
         clock.timings.exchange_s += max(0.0, waited - response.attention_s)
