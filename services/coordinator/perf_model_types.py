@@ -258,8 +258,8 @@ class StepOverheads:
         for name in ("gemm_scale", "exchange_fixed_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"StepOverheads.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("gemm_layer_s", "exchange_byte_scale", "step_fixed_s",
-                     "step_s_per_seq", "step_s_per_token", "request_s", "prefill_attention_s_per_seq",
+        for name in ("gemm_layer_s", "exchange_byte_scale", "step_fixed_s", "step_s_per_seq",
+                     "step_s_per_token", "request_s", "prefill_attention_s_per_seq",
                      "prefill_attention_s_per_token", "prefill_attention_s_per_flop",
                      "attention_s_per_layer", "attention_s_per_row", "attention_s_per_token"):
             value = getattr(self, name)
