@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -156,32 +157,23 @@ inline int64_t tiled(int64_t r, int64_t k, int64_t K) {
 }
 
 // Epilogues get rows [row0, row0 + rows) of the GEMM and panels [panel0, panel0 + panels).
-struct StoreOut {  // y[M, N] bf16
-  bf16* y;
+// y[M, N] in T: bf16 (the sums rounded) or fp32 (the accumulators as they are: logits, with no
+// bf16 rounding and no conversion pass over [rows, vocab]).
+template <typename T>
+struct StoreOut {
+  T* y;
   int64_t N;
   MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
                                const float* c) const {
     for (int r = 0; r < rows; ++r)
       for (int p = 0; p < panels; ++p) {
         const int64_t col = (panel0 + p) * NR;
-        const int n = int(std::min<int64_t>(NR, N - col));
-        const __m256i v = (__m256i)_mm512_cvtneps_pbh(c_row(c, r, p));
-        _mm256_mask_storeu_epi16(y + (row0 + r) * N + col, __mmask16((1u << n) - 1), v);
-      }
-  }
-};
-
-struct StoreOutF32 {  // y[M, N] fp32: the accumulators as they are (logits, no bf16 pass)
-  float* y;
-  int64_t N;
-  MOELENS_BF16 void operator()(int64_t row0, int rows, int64_t panel0, int panels,
-                               const float* c) const {
-    for (int r = 0; r < rows; ++r)
-      for (int p = 0; p < panels; ++p) {
-        const int64_t col = (panel0 + p) * NR;
-        const int n = int(std::min<int64_t>(NR, N - col));
-        _mm512_mask_storeu_ps(y + (row0 + r) * N + col, __mmask16((1u << n) - 1),
-                              c_row(c, r, p));
+        const __mmask16 m = __mmask16((1u << std::min<int64_t>(NR, N - col)) - 1);
+        T* dst = y + (row0 + r) * N + col;
+        if constexpr (std::is_same_v<T, float>)
+          _mm512_mask_storeu_ps(dst, m, c_row(c, r, p));
+        else
+          _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(c_row(c, r, p)));
       }
   }
 };
@@ -399,9 +391,9 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t ou
                      int64_t num_threads, bool fp32_out) {
   if (fp32_out)
     return run_plain<float>(x, wp, out_features, num_threads,
-                            [&](float* y) { return StoreOutF32{y, out_features}; });
+                            [&](float* y) { return StoreOut<float>{y, out_features}; });
   return run_plain<bf16>(x, wp, out_features, num_threads,
-                         [&](bf16* y) { return StoreOut{y, out_features}; });
+                         [&](bf16* y) { return StoreOut<bf16>{y, out_features}; });
 }
 
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& wp, int64_t inter,
