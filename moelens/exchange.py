@@ -57,7 +57,6 @@ def shm_slot_bytes(max_num_tokens: int, q_size: int, kv_size: int, itemsize: int
     return max_num_tokens * per_token + 4 * 64
 
 
-
 def ring_message_bytes(max_num_tokens: int, num_blocks: int) -> int:
     """Most bytes a serialized LayerRequest can take on a ring (its responses are smaller): the
     plan of a step of `max_num_tokens` tokens over a pool of `num_blocks` blocks, counting the

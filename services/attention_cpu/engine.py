@@ -34,8 +34,9 @@ class StepPlan:
     slots: torch.Tensor  # [T] int64
     block_tables: torch.Tensor  # [R, max_blocks] int32
     context_lens: torch.Tensor  # [R] int32
-    kv_tokens: int = 0
-    """Σ context_lens: the cached tokens each layer reads."""
+    kv_tokens: int
+    """Σ context_lens: the cached tokens each layer reads (counted once per step, not per
+    layer)."""
 
     @property
     def num_rows(self) -> int:
