@@ -35,8 +35,9 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 # M around the 16-row tile and 32-row block and past the copied block (512 rows at K = 1024),
-# N around the 16-column panel and the 32-column pair.
-@pytest.mark.parametrize("m", [1, 15, 16, 17, 33, 600])
+# with every remainder of the 8-row VDPBF16PS pass (1-7: 1, 3, 6, 15, 29); N around the 16-column
+# panel and the 32-column pair.
+@pytest.mark.parametrize("m", [1, 3, 6, 15, 16, 17, 29, 33, 600])
 @pytest.mark.parametrize("n,k", [(16, 32), (17, 64), (48, 96), (100, 1024), (40, 2048)])
 def test_matches_float64_linear(m, n, k):
     gen = torch.Generator().manual_seed(m * 7919 + n * 31 + k)

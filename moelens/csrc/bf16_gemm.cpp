@@ -80,12 +80,13 @@ MOELENS_AMX void load_tile_config() {
 }
 
 // Both engines compute c[2 row tiles][2 panels][16][16] = a[32 rows][K] · the panels b0, b1
-// ([K/2][16][2] each), a in tile order (`tiled`).
+// ([K/2][16][2] each), a in tile order (`tiled`), of which the first `rows` rows are valid.
 struct AmxBlock {
-    MOELENS_AMX void begin() const { load_tile_config(); }
+  MOELENS_AMX void begin() const { load_tile_config(); }
   MOELENS_AMX void end() const { _tile_release(); }
+  // All 32 rows, whatever `rows` says: a tile product costs the same for any row count.
   MOELENS_AMX void operator()(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
-                              float* c) const {
+                              float* c, int /*rows*/) const {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -108,39 +109,57 @@ struct AmxBlock {
 };
 
 // VDPBF16PS: acc[n] += x[r, k] * w[k, n] + x[r, k + 1] * w[k + 1, n] over 16 columns n, with x's
-// pair broadcast to every lane and w's pair row as it lies in the panel. 8 rows x 2 panels of
-// accumulators per pass; the rows of one pass are consecutive in one 16-row group of a's tile
-// order, so each 32-deep step reads 8 adjacent 64-byte rows of a.
+// pair broadcast to every lane and w's pair row as it lies in the panel. Up to 8 rows x 2 panels
+// of accumulators per pass; the rows of one pass are consecutive in one 16-row group of a's tile
+// order, so each 32-deep step reads adjacent 64-byte rows of a. Only the block's `rows` valid
+// rows are computed: a decode step's experts get tens of rows each, and rounding every expert up
+// to 32 cost a quarter of the work at 64 rows an expert.
 struct DpBlock {
-    static constexpr int ROWS = 8;
+  static constexpr int ROWS = 8;
   void begin() const {}
   void end() const {}
   MOELENS_BF16 void operator()(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
-                               float* c) const {
-    for (int r0 = 0; r0 < MB; r0 += ROWS) {
-      __m512 acc[ROWS][2];
-      for (int i = 0; i < ROWS; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-      const bf16* rows = a + (r0 / 16) * 16 * K + (r0 % 16) * KB;  // row r0's first 32-deep step
-      for (int64_t k = 0; k < K; k += KB) {
-        const bf16* ak = rows + k * 16;  // tiled(r0, k, K)
-        const bf16 *wk0 = b0 + k * NR, *wk1 = b1 + k * NR;
-        for (int kk = 0; kk < KB; kk += 2) {
-          const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk0 + kk * NR);
-          const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk1 + kk * NR);
-          for (int i = 0; i < ROWS; ++i) {
-            int32_t pair;
-            std::memcpy(&pair, ak + i * KB + kk, 4);
-            const __m512bh xi = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xi, w0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xi, w1);
-          }
+                               float* c, int rows) const {
+    int r0 = 0;
+    for (; r0 + ROWS <= rows; r0 += ROWS) pass<ROWS>(a, K, b0, b1, c, r0);
+    switch (rows - r0) {
+      case 1: pass<1>(a, K, b0, b1, c, r0); break;
+      case 2: pass<2>(a, K, b0, b1, c, r0); break;
+      case 3: pass<3>(a, K, b0, b1, c, r0); break;
+      case 4: pass<4>(a, K, b0, b1, c, r0); break;
+      case 5: pass<5>(a, K, b0, b1, c, r0); break;
+      case 6: pass<6>(a, K, b0, b1, c, r0); break;
+      case 7: pass<7>(a, K, b0, b1, c, r0); break;
+      default: break;
+    }
+  }
+
+  // Rows [r0, r0 + R) of the block, r0 a multiple of 8 (so within one 16-row group).
+  template <int R>
+  MOELENS_BF16 static void pass(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
+                                float* c, int r0) {
+    __m512 acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const bf16* rows = a + (r0 / 16) * 16 * K + (r0 % 16) * KB;  // row r0's first 32-deep step
+    for (int64_t k = 0; k < K; k += KB) {
+      const bf16* ak = rows + k * 16;  // tiled(r0, k, K)
+      const bf16 *wk0 = b0 + k * NR, *wk1 = b1 + k * NR;
+      for (int kk = 0; kk < KB; kk += 2) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk0 + kk * NR);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk1 + kk * NR);
+        for (int i = 0; i < R; ++i) {
+          int32_t pair;
+          std::memcpy(&pair, ak + i * KB + kk, 4);
+          const __m512bh xi = (__m512bh)_mm512_set1_epi32(pair);
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xi, w0);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xi, w1);
         }
       }
-      for (int i = 0; i < ROWS; ++i) {
-        const int r = r0 + i;
-        for (int p = 0; p < 2; ++p)
-          _mm512_storeu_ps(c + ((r / 16) * 2 + p) * 256 + (r % 16) * 16, acc[i][p]);
-      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const int r = r0 + i;
+      for (int p = 0; p < 2; ++p)
+        _mm512_storeu_ps(c + ((r / 16) * 2 + p) * 256 + (r % 16) * 16, acc[i][p]);
     }
   }
 };
@@ -263,8 +282,9 @@ MOELENS_BF16 void run(const Block& block, const Rows& x, bool direct, int64_t M,
       const bf16* b0 = wp + 2 * q * panel_elems;
       const bf16* b1 = panels == 2 ? b0 + panel_elems : b0;  // a lone last panel runs twice
       for (int64_t r = 0; r < padded; r += MB) {
-        block(a + r * K, K, b0, b1, c);
-        epi(m0 + r, int(std::min<int64_t>(MB, mc - r)), 2 * q, panels, c);
+        const int rows = int(std::min<int64_t>(MB, mc - r));
+        block(a + r * K, K, b0, b1, c, rows);
+        epi(m0 + r, rows, 2 * q, panels, c);
       }
     }  // implicit barrier: nobody still reads the block
   }
