@@ -250,15 +250,16 @@ def best_rate(fn: Callable[[], object], flops: float, repeats: int) -> float:
 def measure_gemm_rates(cfg: ModelConfig, threads: int, rows: int = 4096, head_rows: int = 256,
                        repeats: int = 3, dtype: str = "float32") -> GemmRates:
     """The best GEMM rate this machine reaches on the model's shapes at large M in `dtype` (the
-    dtype the experts are served in): torch's F.linear (MKL or oneDNN) and, for fp32 where it
-    runs, the panel GEMM the expert service uses on CPUs, whichever is faster per kind; minimum
-    time of `repeats` (the least-disturbed run on a shared machine is the hardware's best)."""
+    dtype the experts are served in): torch's F.linear (MKL or oneDNN) and, where it runs (fp32,
+    bf16 on AVX512-BF16 or AMX), the panel GEMM the expert service uses on CPUs, whichever is
+    faster per kind; minimum time of `repeats` (the least-disturbed run on a shared machine is
+    the hardware's best)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     h, i = cfg.hidden_size, max(cfg.expert_intermediate_size, cfg.dense_intermediate_size)
-    fp32 = dtype == "float32"
-    kernels = [False] + ([True] if fp32 and panel_gemm.is_supported() else [])
     kind = getattr(torch, dtype)
+    panels = kind in (torch.float32, torch.bfloat16) and panel_gemm.is_supported(kind)
+    kernels = [False] + ([True] if panels else [])
     rates: dict[str, float] = {}
     try:
         x = torch.empty(rows, h).uniform_(-1, 1).to(kind)  # [M, H]

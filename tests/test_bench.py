@@ -123,8 +123,10 @@ def test_roofline_arithmetic():
                                              "experts": 2e9, "lm_head": 0.5e9}
 
 
-def test_measured_gemm_rates_are_positive(bench_cfg):
-    rates = common.measure_gemm_rates(bench_cfg, threads=1, rows=32, head_rows=8, repeats=1)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_measured_gemm_rates_are_positive(bench_cfg, dtype):
+    rates = common.measure_gemm_rates(bench_cfg, threads=1, rows=32, head_rows=8, repeats=1,
+                                      dtype=dtype)
     assert set(rates.flops_per_s) == set(common.GEMM_KINDS)
     assert all(r > 0 and math.isfinite(r) for r in rates.flops_per_s.values())
 
