@@ -92,12 +92,12 @@ def test_throughput_linear_below_turning_point_and_flat_above():
 
 
 def test_resident_weights_budget_from_gemm_line():
-    """δ = 0: n_real is where the intercept is 5% of the GEMM time (19 · A / B), capped."""
+    """δ = 0: n_real is where the intercept is 2% of the GEMM time (49 · A / B), capped."""
     spec = mixtral_spec()
     profile = make_profile(spec, gemm_intercept_s=1e-3)
     deployment = Deployment(kv_cache_bytes=100 * GIB, max_num_tokens=10 ** 6)
     assert place_weights(spec, deployment).streamed_bytes == 0
-    expected = 19 * 1e-3 / profile.gemm_slope_s_per_token
+    expected = 49 * 1e-3 / profile.gemm_slope_s_per_token
     assert token_budget(spec, profile, deployment) == math.ceil(expected)
     capped = dataclasses.replace(deployment, max_num_tokens=1000)
     assert token_budget(spec, profile, capped) == 1000

@@ -116,24 +116,30 @@ class Engine:
                     self._finish(s.request, status, reason)
                     finished.append(s.request)
             self.num_steps += 1
+        self.executor.release([r.seq_id for r in finished])  # outside the lock: an RPC
         if self.observer:
             self.observer.on_step(self._stats(plan, result))
             for request in finished:
                 self.observer.on_finished(request)
 
     def _finish(self, request: Request, status: RequestStatus, reason: str = "") -> None:
+        """End a request here; its sequence's blocks on the services go with `executor.release`,
+        once per step for all that ended (before the next schedule reuses the block ids)."""
         self.scheduler.finish(request, status, reason)
-        self.executor.release(request.seq_id)
         self.requests.pop(request.request_id, None)
 
     def _apply_aborts(self) -> None:
+        aborted = []
         for request_id in self._inbox.aborts:
             request = self.requests.get(request_id)
             if request is not None and not request.status.is_finished:
                 self._finish(request, RequestStatus.FINISHED_ABORTED)
-                if self.observer:
-                    self.observer.on_finished(request)
+                aborted.append(request)
         self._inbox.aborts.clear()
+        self.executor.release([r.seq_id for r in aborted])
+        if self.observer:
+            for request in aborted:
+                self.observer.on_finished(request)
 
     def _fail_all(self, err: Exception) -> None:
         with self._inbox.lock:

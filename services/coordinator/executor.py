@@ -81,10 +81,12 @@ class Executor:
         if ids:
             self._free_attention(ids)
 
-    def release(self, seq_id: int) -> None:
-        """A sequence ended: its blocks go now, the expert forgets it with the next plan."""
-        self._finished.append(seq_id)
-        self._free_attention([seq_id])
+    def release(self, seq_ids: list[int]) -> None:
+        """Sequences ended: their blocks go now (one RPC for all: the last step of a
+        256-request job ends them all), the expert forgets them with the next plan."""
+        if seq_ids:
+            self._finished += seq_ids
+            self._free_attention(seq_ids)
 
     def _free_attention(self, seq_ids: list[int]) -> None:
         self._call("attention", self.attention_address, self.attention.FreeSequences,
