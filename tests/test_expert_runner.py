@@ -1,9 +1,10 @@
-"""The expert runner's accounting of one layer's round trip to the attention service."""
+"""The expert runner's helpers: accounting of a layer's round trip, row selection of a group."""
 
 import pytest
+import torch
 
 from moelens.stats import StepTimings
-from services.expert_gpu.runner import settle_exchange
+from services.expert_gpu.runner import put_rows, row_selector, settle_exchange, take_rows
 
 
 @pytest.mark.parametrize("send,waited,attention,exchange,overlap", [
@@ -24,3 +25,19 @@ def test_settle_exchange_counts_attention_once(send, waited, attention, exchange
     # the blocked time is explained exactly: attention + exchange - overlap
     assert timings.attention_s + timings.exchange_s - timings.overlap_s == \
         pytest.approx(2 * (send + waited))
+
+
+@pytest.mark.parametrize("rows,is_slice", [([3, 4, 5], True), ([0], True), ([1, 2, 4], False),
+                                           ([], False)])
+def test_row_selector_takes_and_puts_like_index_ops(rows, is_slice):
+    """A run of consecutive rows becomes a slice (views, no gather); others stay indices."""
+    index = torch.tensor(rows, dtype=torch.int64)
+    sel = row_selector(index)
+    assert isinstance(sel, slice) == is_slice
+    x = torch.arange(24.0).view(6, 4)
+    assert torch.equal(take_rows(x, sel), x.index_select(0, index))
+    values = -torch.arange(len(rows) * 4.0).view(len(rows), 4)
+    got, expected = x.clone(), x.clone()
+    put_rows(got, sel, values)
+    expected[index] = values
+    assert torch.equal(got, expected)

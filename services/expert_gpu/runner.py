@@ -50,6 +50,30 @@ class SeqStep:
     emit: bool
 
 
+Rows = torch.Tensor | slice
+
+
+def row_selector(rows: torch.Tensor) -> Rows:
+    """An index for ascending rows [R] of a group: the slice they span when they are consecutive
+    (a step's decode rows come first, its new prompts after), so taking them is a view and
+    putting them a plain copy, not a gather or scatter every layer; else the rows themselves."""
+    n = rows.numel()
+    if n and int(rows[-1]) - int(rows[0]) == n - 1:
+        return slice(int(rows[0]), int(rows[0]) + n)
+    return rows
+
+
+def take_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def put_rows(x: torch.Tensor, rows: Rows, values: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        x[rows] = values
+    else:
+        x.index_copy_(0, rows, values)
+
+
 @dataclass
 class _Group:
     index: int
@@ -58,6 +82,8 @@ class _Group:
     plan: attention_pb2.AttentionPlan
     split: object
     rope: Rope  # the group's rotary tables, shared by all layers
+    fresh: Rows  # split.fresh_rows as row_selector gives them
+    paged: Rows  # split.paged_rows likewise
     hidden: torch.Tensor | None = None
     attn: torch.Tensor | None = None
     fresh_qkv: tuple | None = None  # this layer's q, k, v of fresh prompts, until attended
@@ -173,12 +199,15 @@ class StepRunner:
             seq_lens=[len(s.token_ids) for s in seqs], block_tables=[s.block_ids for s in seqs],
             slots=torch.tensor(slots), emit_rows=torch.tensor(emit, dtype=torch.int64, device=dev))
         split = split_attention(batch)
+        fresh, paged = row_selector(split.fresh_rows), row_selector(split.paged_rows)
         # the row indices go to the device once per step, not in every layer
         split = replace(split, fresh_rows=split.fresh_rows.to(dev),
                         paged_rows=split.paged_rows.to(dev))
         return _Group(index=index, seqs=seqs, batch=batch, split=split,
                       plan=self._plan(seqs, slots),
-                      rope=rope_tables(batch.positions, self.inv_freq, self.dtype))
+                      rope=rope_tables(batch.positions, self.inv_freq, self.dtype),
+                      fresh=fresh if isinstance(fresh, slice) else split.fresh_rows,
+                      paged=paged if isinstance(paged, slice) else split.paged_rows)
 
     def _plan(self, seqs: list[SeqStep], slots: list[int]) -> attention_pb2.AttentionPlan:
         plan = attention_pb2.AttentionPlan(slots=slots)
@@ -227,13 +256,12 @@ class StepRunner:
             request.plan.CopyFrom(g.plan)
         # in the compute dtype: bf16 halves the bytes, and the attention service stores K and V
         # in its pool dtype and widens q itself; o comes back in the same dtype
-        paged_q = q if g.all_paged else q.index_select(0, g.split.paged_rows)
+        paged_q = q if g.all_paged else take_rows(q, g.paged)
         self.attention.send_layer(request, {"k": k, "v": v, "q": paged_q})
         t2 = clock.now()
         g.attn = None if g.all_paged else torch.empty_like(q)  # [T, Hq, D]
         if g.split.fresh_seq_lens:
-            rows = g.split.fresh_rows
-            g.fresh_qkv = (q[rows], k[rows], v[rows])
+            g.fresh_qkv = tuple(take_rows(t, g.fresh) for t in (q, k, v))
         g.send_s = t2 - t1
         clock.timings.gemm_s += t1 - t0
         if overlap:
@@ -244,8 +272,8 @@ class StepRunner:
         if g.fresh_qkv is None:
             return
         t0 = clock.now()
-        g.attn[g.split.fresh_rows] = self.prefill_attention(*g.fresh_qkv, g.split.fresh_seq_lens,
-                                                            self.scale)
+        put_rows(g.attn, g.fresh, self.prefill_attention(*g.fresh_qkv, g.split.fresh_seq_lens,
+                                                         self.scale))
         g.fresh_qkv = None
         clock.timings.prefill_attention_s += clock.now() - t0
 
@@ -258,7 +286,7 @@ class StepRunner:
             # group's next response can land there
             g.attn = out.to(self.device, self.dtype)
         elif g.split.paged_rows.numel():
-            g.attn[g.split.paged_rows] = out.to(self.device, self.dtype)
+            put_rows(g.attn, g.paged, out.to(self.device, self.dtype))
         settle_exchange(clock.timings, g.send_s, waited, response.attention_s)
 
     def _logits(self, groups: list[_Group], num_emit: int) -> torch.Tensor:
