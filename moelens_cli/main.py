@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from moelens.compute_loop import default_openmp_spin
+from moelens.malloc_tuning import keep_freed_memory
 
 # command -> (module, help); nested groups map to dicts of the same
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
@@ -79,6 +80,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     default_openmp_spin()  # before any command imports torch
+    keep_freed_memory()
     args = build_parser(argv).parse_args(argv)
     return int(args._run(args) or 0)
 
