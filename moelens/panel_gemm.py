@@ -41,7 +41,8 @@ from moelens import native
 PANEL = 16
 MODES = ("auto", "panels", "torch")
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("panel_gemm.cpp", "bf16_gemm.cpp", "prefill_attention.cpp", "row_stats.cpp")
+SOURCES = ("panel_gemm.cpp", "bf16_gemm.cpp", "prefill_attention.cpp", "row_stats.cpp",
+           "rms_norm.cpp")
 BF16_DEPTH = 32
 """bf16 weights are packed only when their K is a multiple of this: one AMX tile product."""
 
@@ -190,6 +191,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     torch equivalent. q: [T, Hq, D]; k, v: [T, Hkv, D]; seq_lens sum to T -> [T, Hq, D]."""
     return _extension().causal_attention(q, k, v, torch.tensor(seq_lens, dtype=torch.int64),
                                          scale, torch.get_num_threads())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """moelens.model.stages.rms_norm's math in one pass per row (csrc/rms_norm.cpp): x [..., N]
+    and weight [N], both float32 or both bfloat16 CPU tensors -> [..., N]."""
+    return _extension().rms_norm(x, weight, eps, torch.get_num_threads())
 
 
 def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

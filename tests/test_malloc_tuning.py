@@ -11,7 +11,7 @@ _FAULTS = """
 import resource, statistics, sys, torch
 torch.set_num_threads(1)
 from moelens.malloc_tuning import keep_freed_memory
-from moelens.model.stages import rms_norm
+from moelens.model.stages import rms_norm_torch as rms_norm  # torch ops: fp32 temporaries
 applied = keep_freed_memory()
 x, w = torch.ones(1024, 1024, dtype=torch.bfloat16), torch.ones(1024, dtype=torch.bfloat16)
 faults = []

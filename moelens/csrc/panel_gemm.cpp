@@ -39,6 +39,7 @@
 #include "micro_kernel.h"
 #include "openmp_team.h"
 #include "prefill_attention.h"
+#include "rms_norm.h"
 #include "row_stats.h"
 #if MOELENS_PANEL_X86
 #include "simd_exp.h"
@@ -512,6 +513,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention over the new tokens of packed prompts (prefill_attention.cpp)");
   m.def("argmax_logsumexp", &moelens::argmax_logsumexp,
         "each row's first argmax and logsumexp (row_stats.cpp)");
+  m.def("rms_norm", &moelens::rms_norm, "HF's RMSNorm over the last dim (rms_norm.cpp)");
   m.def("supported", &cpu_supported, "this CPU has AVX2 and FMA");
   m.def("bf16_supported", &moelens::bf16::supported, "this CPU runs a bf16 engine");
   m.def("bf16_engines", &moelens::bf16::engines, "bf16 engines this CPU runs, best first");

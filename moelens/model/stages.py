@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moelens import panel_gemm
 from moelens.config import QK_NORM_FULL, QK_NORM_PER_HEAD, ModelConfig
 from moelens.model.moe import grouped_experts, route, swiglu
 from moelens.model.weights import LayerWeights, ModelWeights
@@ -19,7 +20,20 @@ from moelens.panel_gemm import linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, scaled in the input dtype (as HF does). x: [..., N]; weight: [N]."""
+    """RMSNorm in fp32, scaled in the input dtype (as HF does). x: [..., N]; weight: [N].
+    On CPUs with the panel kernels, fp32 and bf16 run fused (panel_gemm.rms_norm: same
+    roundings, 2-4x faster at a layer's 256-2048 rows); elsewhere rms_norm_torch."""
+    if x.device.type == "cpu" and x.dtype in _FUSED_NORM_DTYPES and weight.dtype == x.dtype \
+            and panel_gemm.is_supported():
+        return panel_gemm.rms_norm(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+_FUSED_NORM_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm in torch ops (any device and dtype; the reference of the fused kernel)."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
