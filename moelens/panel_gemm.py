@@ -223,6 +223,7 @@ def _extension() -> ModuleType:
     return ext
 
 
+@lru_cache(maxsize=None)  # asked per layer (stages.rms_norm); fixed for the process
 def is_supported(dtype: torch.dtype = torch.float32) -> bool:
     """The extension builds here and this CPU runs its kernels for `dtype`: AVX2 + FMA for
     float32, AMX-BF16 or AVX512-BF16 for bfloat16."""

@@ -46,17 +46,23 @@ struct BF16 {
   static void store(bf16* p, float v) { *p = float_to_bf16(v); }
 };
 
+// y[j] = w[j] * round(x[j] * r) for j in [from, n): the output pass, one element at a time.
+template <class D>
+void scale_scalar(const typename D::T* x, const typename D::T* w, typename D::T* y,
+                  int64_t from, int64_t n, float r) {
+  for (int64_t j = from; j < n; ++j) {
+    typename D::T normed;
+    D::store(&normed, D::load(x + j) * r);
+    D::store(y + j, D::load(w + j) * D::load(&normed));
+  }
+}
+
 template <class D>
 void row_scalar(const typename D::T* x, const typename D::T* w, typename D::T* y, int64_t n,
                 float eps) {
   float sum = 0.f;
   for (int64_t j = 0; j < n; ++j) sum += D::load(x + j) * D::load(x + j);
-  const float r = 1.f / std::sqrt(sum / float(n) + eps);
-  for (int64_t j = 0; j < n; ++j) {
-    typename D::T normed;
-    D::store(&normed, D::load(x + j) * r);
-    D::store(y + j, D::load(w + j) * D::load(&normed));
-  }
+  scale_scalar<D>(x, w, y, 0, n, 1.f / std::sqrt(sum / float(n) + eps));
 }
 
 #if MOELENS_PANEL_X86
@@ -112,11 +118,7 @@ MOELENS_AVX2 void row_avx2(const typename D::T* x, const typename D::T* w, typen
     const __m256 normed = round8(tag, _mm256_mul_ps(load8(x + j), vr));
     store8(y + j, _mm256_mul_ps(load8(w + j), normed));
   }
-  for (; j < n; ++j) {
-    T normed;
-    D::store(&normed, D::load(x + j) * r);
-    D::store(y + j, D::load(w + j) * D::load(&normed));
-  }
+  scale_scalar<D>(x, w, y, body, n, r);
 }
 #endif
 

@@ -256,8 +256,7 @@ class StepRunner:
             request.plan.CopyFrom(g.plan)
         # in the compute dtype: bf16 halves the bytes, and the attention service stores K and V
         # in its pool dtype and widens q itself; o comes back in the same dtype
-        paged_q = q if g.all_paged else take_rows(q, g.paged)
-        self.attention.send_layer(request, {"k": k, "v": v, "q": paged_q})
+        self.attention.send_layer(request, {"k": k, "v": v, "q": take_rows(q, g.paged)})
         t2 = clock.now()
         g.attn = None if g.all_paged else torch.empty_like(q)  # [T, Hq, D]
         if g.split.fresh_seq_lens:
