@@ -81,12 +81,18 @@ MOELENS_AMX void load_tile_config() {
 
 // Both engines compute c[2 row tiles][2 panels][16][16] = a[32 rows][K] · the panels b0, b1
 // ([K/2][16][2] each), a in tile order (`tiled`), of which the first `rows` rows are valid.
+// The two panels of the column block after this one (nullptr: none), for a software prefetch.
+struct Panels {
+  const bf16* b0 = nullptr;
+  const bf16* b1 = nullptr;
+};
+
 struct AmxBlock {
   MOELENS_AMX void begin() const { load_tile_config(); }
   MOELENS_AMX void end() const { _tile_release(); }
   // All 32 rows, whatever `rows` says: a tile product costs the same for any row count.
   MOELENS_AMX void operator()(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
-                              float* c, int /*rows*/) const {
+                              float* c, int /*rows*/, const Panels& /*next*/) const {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -113,23 +119,28 @@ struct AmxBlock {
 // of accumulators per pass; the rows of one pass are consecutive in one 16-row group of a's tile
 // order, so each 32-deep step reads adjacent 64-byte rows of a. Only the block's `rows` valid
 // rows are computed: a decode step's experts get tens of rows each, and rounding every expert up
-// to 32 cost a quarter of the work at 64 rows an expert.
+// to 32 cost a quarter of the work at 64 rows an expert. The first pass prefetches `next`, one
+// line of each panel per pair row it reads: at a decode step's 64 rows an expert each panel is
+// used for two blocks only, and its first reads would otherwise wait on memory (bench-mixtral's
+// MoE layer at 200 and 256 tokens: faster in 6 of 6 alternated runs, 1-17%, median ~3%;
+// `bench/moe_layer_bf16.py`, session 18).
 struct DpBlock {
   static constexpr int ROWS = 8;
   void begin() const {}
   void end() const {}
   MOELENS_BF16 void operator()(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
-                               float* c, int rows) const {
+                               float* c, int rows, const Panels& next) const {
     int r0 = 0;
-    for (; r0 + ROWS <= rows; r0 += ROWS) pass<ROWS>(a, K, b0, b1, c, r0);
+    for (; r0 + ROWS <= rows; r0 += ROWS) pass<ROWS>(a, K, b0, b1, c, r0, r0 ? Panels{} : next);
+    const Panels pf = r0 ? Panels{} : next;
     switch (rows - r0) {
-      case 1: pass<1>(a, K, b0, b1, c, r0); break;
-      case 2: pass<2>(a, K, b0, b1, c, r0); break;
-      case 3: pass<3>(a, K, b0, b1, c, r0); break;
-      case 4: pass<4>(a, K, b0, b1, c, r0); break;
-      case 5: pass<5>(a, K, b0, b1, c, r0); break;
-      case 6: pass<6>(a, K, b0, b1, c, r0); break;
-      case 7: pass<7>(a, K, b0, b1, c, r0); break;
+      case 1: pass<1>(a, K, b0, b1, c, r0, pf); break;
+      case 2: pass<2>(a, K, b0, b1, c, r0, pf); break;
+      case 3: pass<3>(a, K, b0, b1, c, r0, pf); break;
+      case 4: pass<4>(a, K, b0, b1, c, r0, pf); break;
+      case 5: pass<5>(a, K, b0, b1, c, r0, pf); break;
+      case 6: pass<6>(a, K, b0, b1, c, r0, pf); break;
+      case 7: pass<7>(a, K, b0, b1, c, r0, pf); break;
       default: break;
     }
   }
@@ -137,7 +148,7 @@ struct DpBlock {
   // Rows [r0, r0 + R) of the block, r0 a multiple of 8 (so within one 16-row group).
   template <int R>
   MOELENS_BF16 static void pass(const bf16* a, int64_t K, const bf16* b0, const bf16* b1,
-                                float* c, int r0) {
+                                float* c, int r0, const Panels& next) {
     __m512 acc[R][2];
     for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     const bf16* rows = a + (r0 / 16) * 16 * K + (r0 % 16) * KB;  // row r0's first 32-deep step
@@ -145,6 +156,10 @@ struct DpBlock {
       const bf16* ak = rows + k * 16;  // tiled(r0, k, K)
       const bf16 *wk0 = b0 + k * NR, *wk1 = b1 + k * NR;
       for (int kk = 0; kk < KB; kk += 2) {
+        if (next.b0) {  // the line at this offset of each next panel
+          __builtin_prefetch(next.b0 + (k + kk) * NR, 0, 2);
+          __builtin_prefetch(next.b1 + (k + kk) * NR, 0, 2);
+        }
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk0 + kk * NR);
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk1 + kk * NR);
         for (int i = 0; i < R; ++i) {
@@ -281,9 +296,14 @@ MOELENS_BF16 void run(const Block& block, const Rows& x, bool direct, int64_t M,
       const int panels = int(std::min<int64_t>(2, P - 2 * q));
       const bf16* b0 = wp + 2 * q * panel_elems;
       const bf16* b1 = panels == 2 ? b0 + panel_elems : b0;  // a lone last panel runs twice
+      Panels next;
+      if (2 * q + 2 < P) {
+        next.b0 = b0 + 2 * panel_elems;
+        next.b1 = 2 * q + 3 < P ? next.b0 + panel_elems : next.b0;
+      }
       for (int64_t r = 0; r < padded; r += MB) {
         const int rows = int(std::min<int64_t>(MB, mc - r));
-        block(a + r * K, K, b0, b1, c, rows);
+        block(a + r * K, K, b0, b1, c, rows, r == 0 ? next : Panels{});
         epi(m0 + r, rows, 2 * q, panels, c);
       }
     }  // implicit barrier: nobody still reads the block
