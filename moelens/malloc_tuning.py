@@ -3,10 +3,11 @@
 Why: glibc hands a freed block of 128 KiB or more back to the kernel (its mmap threshold, raised
 only as blocks of a size get freed) and trims the heap top beyond twice that, so a step's large
 temporaries (a layer's fp32 RMSNorm input, q/k/v, the MoE output) were often mapped afresh and
-first-touched page by page, call after call. On the 2-vCPU development VM a bf16 RMSNorm of
-[1024, 1024] mostly took ~2500 page faults a call (3.8 ms), none under these settings (1.6 ms;
-session 18); in bench-mixtral's job the expert service took 20-33 thousand faults a second, under
-a hundred with these settings (the job's throughput moved within the VM's noise). The settings:
+first-touched page by page, call after call. On the 2-vCPU development VM the torch-ops RMSNorm
+of [1024, 1024] bf16 mostly took ~2500 page faults a call, none under these settings (what
+tests/test_malloc_tuning.py counts); in bench-mixtral's job the expert service took 20-33
+thousand faults a second, under a hundred with these settings (sampled from /proc during two
+alternated jobs, session 18; the job's throughput moved within the VM's noise). The settings:
 M_MMAP_THRESHOLD at glibc's 64-bit maximum, 32 MiB (larger blocks are still mapped per call),
 and M_TRIM_THRESHOLD at 1 GiB, so the heap keeps what a step freed.
 

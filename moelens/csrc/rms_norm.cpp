@@ -3,8 +3,9 @@
 // rounded to x's dtype (for bf16: bf16(w * bf16(x * r)), as torch's bf16 multiply rounds).
 //
 // Why: torch runs it as eight element-wise ops with fp32 temporaries; for a bench-mixtral layer's
-// [2048, 1024] bf16 input that took 1.3 ms on the 2-core dev machine (6 ms while glibc still
-// returned the temporaries to the kernel, see moelens/malloc_tuning.py), twice a layer. Only the
+// [2048, 1024] bf16 input that took 1.6 ms on the 2-core dev machine against 0.43 fused
+// (bench/rms_norm.py; ~6 ms while glibc still returned the temporaries to the kernel, see
+// moelens/malloc_tuning.py), twice a layer. Only the
 // sum of squares is ordered differently from torch's (a few fp32 ulps of r).
 #include "rms_norm.h"
 

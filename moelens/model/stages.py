@@ -25,7 +25,7 @@ _FUSED_NORM_DTYPES = (torch.float32, torch.bfloat16)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in fp32, scaled in the input dtype (as HF does). x: [..., N]; weight: [N].
     On CPUs with the panel kernels, fp32 and bf16 run fused (panel_gemm.rms_norm: same
-    roundings, 2-4.5x faster at a layer's 256-2048 rows); elsewhere rms_norm_torch."""
+    roundings, 2-4x faster at a layer's 256-2048 rows, bench/rms_norm.py); elsewhere rms_norm_torch."""
     if x.device.type == "cpu" and x.dtype in _FUSED_NORM_DTYPES and weight.dtype == x.dtype \
             and panel_gemm.is_supported():
         return panel_gemm.rms_norm(x, weight, eps)
